@@ -1,0 +1,383 @@
+"""Stage D: the non-autoregressive CTC speech decoder (hidden states -> discrete units).
+
+Input: c_1..c_M, the LLM's final-layer hidden state that predicted each answer token.
+Each c_i is repeated lambda times (upsampling), projected to the decoder width, run
+through a few causal LLaMA-style layers (RMSNorm, RoPE, SwiGLU; no final norm, as in
+the published model) and projected to K+1 classes (K units + the CTC blank, id K).
+
+Because the layers are causal, the outputs for a prefix never change when more tokens
+arrive. Streaming uses that: inside `with decoder.streaming(batch_size):` each call
+appends the new tokens' lambda*m positions to a per-layer KV cache, so a new token costs
+lambda positions instead of a recomputation of the whole prefix.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama_omni.configbase import ConfigBase, require
+from llama_omni.streaming import StreamingModule
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SpeechDecoderConfig(ConfigBase):
+    input_width: int  # width of the LLM hidden states c_i
+    n_layers: int = 2
+    width: int = 4096
+    n_heads: int = 32
+    ffn: int = 11008
+    upsample: int = 25  # lambda
+    unit_vocab: int = 1000  # K; the blank is id K
+    rope_theta: float = 500000.0
+    rope_scaling: dict[str, Any] | None = None  # e.g. Llama-3.1's {"rope_type": "llama3", ...}
+    rms_eps: float = 1e-5
+    final_norm: bool = False  # the published decoder has none
+
+    def __post_init__(self) -> None:
+        for name in ("input_width", "n_layers", "width", "n_heads", "ffn", "upsample", "unit_vocab"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, int) and value > 0,
+                f"SpeechDecoderConfig.{name} must be a positive integer, got {value!r}",
+            )
+        require(
+            self.width % self.n_heads == 0 and (self.width // self.n_heads) % 2 == 0,
+            f"SpeechDecoderConfig: width {self.width} must split into {self.n_heads} heads of even size",
+        )
+        require(self.rope_theta > 0, "SpeechDecoderConfig.rope_theta must be positive")
+        if self.rope_scaling is not None:
+            kind = _rope_type(self.rope_scaling)
+            require(
+                kind in ("default", "linear", "llama3"),
+                f"SpeechDecoderConfig.rope_scaling type {kind!r} is not supported "
+                "(supported: default, linear, llama3)",
+            )
+
+    @property
+    def blank_id(self) -> int:
+        return self.unit_vocab
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str, input_width: int | None = None) -> "SpeechDecoderConfig":
+        presets = {
+            "llama-omni-8b": dict(
+                input_width=4096,
+                rope_theta=500000.0,
+                rope_scaling=dict(LLAMA31_ROPE_SCALING),
+            ),
+            "tiny-test": dict(
+                input_width=64, n_layers=2, width=64, n_heads=4, ffn=128, upsample=25,
+                unit_vocab=32, rope_theta=10000.0,
+            ),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown speech decoder preset {name!r}; known: {sorted(presets)}")
+        values = presets[name]
+        if input_width is not None:
+            values = {**values, "input_width": input_width}
+        return cls(**values)
+
+    @classmethod
+    def from_published(cls, config: dict[str, Any]) -> "SpeechDecoderConfig":
+        """Read the published checkpoint's config.json (ctc_decoder_config is a string)."""
+        spec = config.get("ctc_decoder_config")
+        match = re.fullmatch(r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\)\s*", str(spec))
+        if match is None:
+            raise ValueError(
+                f"config.json ctc_decoder_config must look like '(layers,width,heads,ffn)', got {spec!r}"
+            )
+        n_layers, width, n_heads, ffn = map(int, match.groups())
+        scaling = config.get("rope_scaling")
+        return cls(
+            input_width=int(config["hidden_size"]),
+            n_layers=n_layers, width=width, n_heads=n_heads, ffn=ffn,
+            upsample=int(config.get("ctc_upsample_factor", 25)),
+            unit_vocab=int(config.get("unit_vocab_size", 1000)),
+            rope_theta=float(config.get("rope_theta", 10000.0)),
+            rope_scaling=dict(scaling) if scaling else None,
+            rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+        )
+
+
+LLAMA31_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def _rope_type(scaling: dict[str, Any]) -> str:
+    return str(scaling.get("rope_type", scaling.get("type", "default")))
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """[head_dim/2] RoPE inverse frequencies, with Llama-3.1's frequency-dependent scaling."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None or _rope_type(scaling) == "default":
+        return inv.float()
+    if _rope_type(scaling) == "linear":
+        return (inv / float(scaling["factor"])).float()
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    scaled = torch.where(wavelength > original / low, inv / factor, inv)
+    blend = (original / wavelength - low) / (high - low)
+    blended = (1 - blend) * scaled / factor + blend * scaled
+    in_band = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(in_band, blended, scaled).float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+@dataclass
+class LayerCache:
+    keys: torch.Tensor | None = None  # [B, H, S, hd]
+    values: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is not None:
+            k = torch.cat([self.keys, k], dim=2)
+            v = torch.cat([self.values, v], dim=2)
+        self.keys, self.values = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention (no grouped-query heads), HF Llama parameter names."""
+
+    def __init__(self, config: SpeechDecoderConfig, device=None, dtype=None):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        w = config.width
+        self.q_proj = nn.Linear(w, w, bias=False, device=device, dtype=dtype)
+        self.k_proj = nn.Linear(w, w, bias=False, device=device, dtype=dtype)
+        self.v_proj = nn.Linear(w, w, bias=False, device=device, dtype=dtype)
+        self.o_proj = nn.Linear(w, w, bias=False, device=device, dtype=dtype)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+
+    def forward(self, x, cos, sin, cache: LayerCache | None) -> torch.Tensor:
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        new = q.shape[2]
+        if cache is None or cache.keys is None:
+            if cache is not None:
+                cache.extend(k, v)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = cache.extend(k, v)
+            past = k.shape[2] - new
+            # query i (absolute position past+i) sees keys 0..past+i
+            allowed = torch.arange(k.shape[2], device=x.device)[None, :] <= (
+                past + torch.arange(new, device=x.device)[:, None]
+            )
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        batch = x.shape[0]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, new, -1))  # [B, T, D]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: SpeechDecoderConfig, device=None, dtype=None):
+        super().__init__()
+        w, f = config.width, config.ffn
+        self.gate_proj = nn.Linear(w, f, bias=False, device=device, dtype=dtype)
+        self.up_proj = nn.Linear(w, f, bias=False, device=device, dtype=dtype)
+        self.down_proj = nn.Linear(f, w, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: SpeechDecoderConfig, device=None, dtype=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.width, config.rms_eps, device, dtype)
+        self.self_attn = Attention(config, device, dtype)
+        self.post_attention_layernorm = RMSNorm(config.width, config.rms_eps, device, dtype)
+        self.mlp = FeedForward(config, device, dtype)
+
+    def forward(self, x, cos, sin, cache: LayerCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class DecoderState:
+    batch_size: int
+    caches: list[LayerCache]
+    positions: int = 0  # upsampled positions already in the cache
+    last_symbol: torch.Tensor | None = None  # [B] argmax at the last position (for collapse)
+
+
+class SpeechDecoder(StreamingModule[DecoderState]):
+    def __init__(self, config: SpeechDecoderConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.input_proj = nn.Linear(config.input_width, config.width, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, device, dtype) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.width, config.rms_eps, device, dtype) if config.final_norm else None
+        self.output_proj = nn.Linear(config.width, config.unit_vocab + 1, device=device, dtype=dtype)
+        inv = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def _init_streaming_state(self, batch_size: int) -> DecoderState:
+        return DecoderState(batch_size, [LayerCache() for _ in self.layers])
+
+    # -- upsampling -------------------------------------------------------------------------
+    def upsample(
+        self,
+        hidden: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        target_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, M, D] -> ([B, T, D], lengths [B]) with T = lambda * M.
+
+        With `target_lengths` (training), an item whose unit sequence is longer than
+        lambda * M is stretched uniformly to the target length, so CTC stays feasible.
+        """
+        batch, tokens, _ = hidden.shape
+        lam = self.config.upsample
+        if lengths is None:
+            lengths = torch.full((batch,), tokens, dtype=torch.long, device=hidden.device)
+        up = lengths * lam
+        if target_lengths is not None:
+            up = torch.maximum(up, target_lengths.to(up.device))
+        total = int(up.max()) if batch else 0
+        t = torch.arange(total, device=hidden.device)[None, :]  # [1, T]
+        ratio = up.double() / lengths.clamp(min=1).double()  # [B]
+        index = (t.double() / ratio[:, None]).long()  # [B, T]
+        valid = t < up[:, None]
+        index = index.masked_fill(~valid, 0).clamp(max=max(tokens - 1, 0))
+        out = torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        return out.masked_fill(~valid[..., None], 0.0), up  # [B, T, D], [B]
+
+    # -- forward ----------------------------------------------------------------------------
+    def _rope(self, start: int, length: int, dtype: torch.dtype):
+        positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq[None, :]  # [T, hd/2]
+        angles = torch.cat([freqs, freqs], dim=-1)  # [T, hd]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward_upsampled(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, Din] upsampled states -> [B, T, K+1] float32 log-probabilities.
+
+        When streaming, `x` holds only the new positions and the KV cache supplies the rest.
+        """
+        state = self._streaming_state
+        start = state.positions if state is not None else 0
+        h = self.input_proj(x)  # [B, T, D]
+        cos, sin = self._rope(start, h.shape[1], h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, state.caches[i] if state is not None else None)
+        if self.norm is not None:
+            h = self.norm(h)
+        if state is not None:
+            state.positions += x.shape[1]
+        return F.log_softmax(self.output_proj(h).float(), dim=-1)  # [B, T, K+1]
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        target_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, M, Din] token states -> (log-probs [B, T, K+1], output lengths [B])."""
+        if hidden.shape[-1] != self.config.input_width:
+            raise ValueError(
+                f"speech decoder expects hidden states of width {self.config.input_width}, "
+                f"got {hidden.shape[-1]}"
+            )
+        if self.is_streaming and (lengths is not None or target_lengths is not None):
+            raise ValueError("streaming feeds whole new tokens: pass neither lengths nor target_lengths")
+        x, out_lengths = self.upsample(hidden, lengths, target_lengths)
+        return self.forward_upsampled(x), out_lengths
+
+    # -- loss and decoding ------------------------------------------------------------------
+    def ctc_loss(
+        self, log_probs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """CTC summed over the batch and divided by the number of target units.
+
+        targets: [B, U] unit ids, padded with IGNORE_INDEX.
+        """
+        target_lengths = targets.ne(IGNORE_INDEX).sum(-1)
+        flat = targets[targets.ne(IGNORE_INDEX)]
+        loss = F.ctc_loss(
+            log_probs.transpose(0, 1),  # [T, B, K+1]
+            flat,
+            lengths,
+            target_lengths,
+            blank=self.config.blank_id,
+            reduction="sum",
+            zero_infinity=True,
+        )
+        return loss / target_lengths.sum().clamp(min=1)
+
+    def greedy_units(self, log_probs: torch.Tensor, lengths: torch.Tensor | None = None) -> list[list[int]]:
+        """Best path per position, collapsed. When streaming, continues from the last chunk."""
+        best = log_probs.argmax(-1)  # [B, T]
+        state = self._streaming_state
+        previous = state.last_symbol if state is not None else None
+        units = []
+        for b in range(best.shape[0]):
+            row = best[b, : int(lengths[b])] if lengths is not None else best[b]
+            prev = int(previous[b]) if previous is not None else None
+            units.append(ctc_collapse(row.tolist(), self.config.blank_id, prev))
+        if state is not None and best.shape[1] > 0:
+            state.last_symbol = best[:, -1].clone()
+        return units
+
+    @torch.no_grad()
+    def predict_units(self, hidden: torch.Tensor, lengths: torch.Tensor | None = None) -> list[list[int]]:
+        """[B, M, Din] -> unit sequences (offline, whole answers)."""
+        log_probs, out_lengths = self(hidden, lengths)
+        return self.greedy_units(log_probs, out_lengths)
+
+
+def ctc_collapse(symbols: Sequence[int], blank: int, previous: int | None = None) -> list[int]:
+    """Merge repeats, then drop blanks: [1,1,2,b,b,2,3] -> [1,2,2,3].
+
+    `previous` is the symbol just before `symbols` (from an earlier chunk), so a unit
+    repeated across a chunk boundary is not emitted twice.
+    """
+    out = []
+    for s in symbols:
+        if s != previous and s != blank:
+            out.append(s)
+        previous = s
+    return out

@@ -1,0 +1,160 @@
+"""Stage D: the CTC speech decoder against the Hugging Face Llama layers it must equal."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from llama_omni.model.speech_decoder import (
+    IGNORE_INDEX,
+    LLAMA31_ROPE_SCALING,
+    SpeechDecoder,
+    SpeechDecoderConfig,
+    ctc_collapse,
+)
+
+
+def tiny(**changes) -> SpeechDecoderConfig:
+    return SpeechDecoderConfig.preset("tiny-test").replace(**changes)
+
+
+def hf_reference(decoder: SpeechDecoder, hidden: torch.Tensor) -> torch.Tensor:
+    """Log-probs computed with transformers' own LlamaDecoderLayer and rotary embedding."""
+    cfg = decoder.config
+    llama = LlamaConfig(
+        hidden_size=cfg.width, intermediate_size=cfg.ffn, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads, num_hidden_layers=cfg.n_layers, rms_norm_eps=cfg.rms_eps,
+        rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, max_position_embeddings=131072,
+        attn_implementation="eager",
+    )
+    x = hidden.repeat_interleave(cfg.upsample, dim=1)
+    h = decoder.input_proj(x)
+    positions = torch.arange(h.shape[1])[None]
+    rotary = LlamaRotaryEmbedding(llama)
+    cos_sin = rotary(h, positions)
+    mask = torch.full((h.shape[1], h.shape[1]), float("-inf")).triu(1)[None, None]
+    for i, ours in enumerate(decoder.layers):
+        layer = LlamaDecoderLayer(llama, i)
+        layer.load_state_dict(ours.state_dict())
+        out = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
+        h = out[0] if isinstance(out, tuple) else out
+    return torch.log_softmax(decoder.output_proj(h).float(), -1)
+
+
+@pytest.mark.parametrize("scaling", [None, {**LLAMA31_ROPE_SCALING, "original_max_position_embeddings": 64}])
+def test_matches_transformers_llama_layers(scaling):
+    torch.manual_seed(0)
+    decoder = SpeechDecoder(tiny(rope_theta=500000.0, rope_scaling=scaling)).eval()
+    hidden = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        ours, lengths = decoder(hidden)
+        ref = hf_reference(decoder, hidden)
+    assert ours.shape == (2, 7 * 25, 33) and lengths.tolist() == [175, 175]
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_causal_prefix_outputs_do_not_change():
+    torch.manual_seed(1)
+    decoder = SpeechDecoder(tiny()).eval()
+    hidden = torch.randn(1, 9, 64)
+    with torch.no_grad():
+        full, _ = decoder(hidden)
+        prefix, _ = decoder(hidden[:, :4])
+    torch.testing.assert_close(full[:, : 4 * 25], prefix, atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_chunks_equal_one_shot():
+    torch.manual_seed(2)
+    decoder = SpeechDecoder(tiny()).eval()
+    hidden = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        full, _ = decoder(hidden)
+        full_units = decoder.greedy_units(full)
+        pieces, units = [], [[], []]
+        with decoder.streaming(batch_size=2):
+            for start, stop in [(0, 1), (1, 4), (4, 5), (5, 10)]:
+                log_probs, _ = decoder(hidden[:, start:stop])
+                pieces.append(log_probs)
+                for b, new in enumerate(decoder.greedy_units(log_probs)):
+                    units[b].extend(new)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    assert units == full_units
+    assert not decoder.is_streaming
+
+
+def test_padded_batch_equals_single_items():
+    torch.manual_seed(3)
+    decoder = SpeechDecoder(tiny()).eval()
+    a, b = torch.randn(1, 6, 64), torch.randn(1, 3, 64)
+    batch = torch.cat([a, torch.cat([b, torch.zeros(1, 3, 64)], 1)])
+    with torch.no_grad():
+        units = decoder.predict_units(batch, torch.tensor([6, 3]))
+        assert units == decoder.predict_units(a) + decoder.predict_units(b)
+
+
+@pytest.mark.parametrize(
+    "symbols, previous, expected",
+    [
+        ([1, 1, 2, 9, 9, 2, 3], None, [1, 2, 2, 3]),  # the paper's example, blank = 9
+        ([9, 9, 9], None, []),
+        ([4, 4, 5], 4, [5]),  # unit repeated across a chunk boundary: not emitted again
+        ([4, 5], 9, [4, 5]),  # a blank at the boundary separates equal units
+        ([], 3, []),
+    ],
+)
+def test_ctc_collapse(symbols, previous, expected):
+    assert ctc_collapse(symbols, blank=9, previous=previous) == expected
+
+
+def test_upsample_repeats_and_stretches_for_long_targets():
+    decoder = SpeechDecoder(tiny(upsample=2))
+    hidden = torch.arange(3.0)[None, :, None].expand(1, 3, 64)
+    x, lengths = decoder.upsample(hidden)
+    assert x[0, :, 0].tolist() == [0, 0, 1, 1, 2, 2] and lengths.tolist() == [6]
+    x, lengths = decoder.upsample(hidden, target_lengths=torch.tensor([9]))
+    assert x[0, :, 0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and lengths.tolist() == [9]
+
+
+def test_ctc_loss_is_mean_per_target_unit_and_trains():
+    torch.manual_seed(4)
+    decoder = SpeechDecoder(tiny())
+    hidden = torch.randn(2, 4, 64)
+    targets = torch.tensor([[1, 2, 3, IGNORE_INDEX], [5, 5, 6, 7]])
+    log_probs, lengths = decoder(hidden)
+    loss = decoder.ctc_loss(log_probs, lengths, targets)
+    manual = torch.nn.functional.ctc_loss(
+        log_probs.transpose(0, 1), torch.tensor([1, 2, 3, 5, 5, 6, 7]), lengths,
+        torch.tensor([3, 4]), blank=32, reduction="sum",
+    ) / 7
+    torch.testing.assert_close(loss, manual)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=3e-3)
+    for _ in range(100):
+        optimizer.zero_grad()
+        log_probs, lengths = decoder(hidden)
+        trained = decoder.ctc_loss(log_probs, lengths, targets)
+        trained.backward()
+        optimizer.step()
+    # All lambda copies of the first token see identical inputs, so they give identical
+    # outputs; greedy decoding of a tiny overfit model can therefore drop the first unit,
+    # and the assertion is on the loss.
+    assert trained.item() < 0.05 * loss.item()
+
+
+def test_published_config_string_is_parsed_once_and_validated():
+    cfg = SpeechDecoderConfig.from_published(
+        {"hidden_size": 4096, "ctc_decoder_config": "(2,4096,32,11008)", "ctc_upsample_factor": 25,
+         "unit_vocab_size": 1000, "rope_theta": 500000.0, "rope_scaling": LLAMA31_ROPE_SCALING,
+         "rms_norm_eps": 1e-5}
+    )
+    assert (cfg.n_layers, cfg.width, cfg.n_heads, cfg.ffn) == (2, 4096, 32, 11008)
+    assert cfg.blank_id == 1000 and cfg.head_dim == 128
+    with torch.device("meta"):
+        params = sum(p.numel() for p in SpeechDecoder(cfg).parameters())
+    assert 420e6 < params < 430e6  # "about 425M parameters" (SPEC section 2)
+    with pytest.raises(ValueError, match="ctc_decoder_config"):
+        SpeechDecoderConfig.from_published({"hidden_size": 8, "ctc_decoder_config": "2,4096"})
+    with pytest.raises(ValueError, match="heads"):
+        tiny(width=60, n_heads=8)
+    assert SpeechDecoderConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        SpeechDecoderConfig.from_dict({**cfg.to_dict(), "bogus": 1})
