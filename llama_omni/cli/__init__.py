@@ -1,0 +1,1 @@
+"""The `llama-omni` command line: one typed function per subcommand (see main.py)."""

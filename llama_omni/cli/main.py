@@ -1,0 +1,33 @@
+"""Entry point of the `llama-omni` command: registers each subcommand's typed function."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from llama_omni.cli.info import info
+from llama_omni.cli.setup import setup
+from llama_omni.cli.vocode import vocode
+
+app = typer.Typer(
+    name="llama-omni",
+    help="Speech in, text and speech out: the LLaMA-Omni system.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(setup)
+app.command()(info)
+app.command()(vocode)
+
+
+def main() -> None:
+    """Run the CLI; expected errors (bad files, bad options) print one line, not a traceback."""
+    from llama_omni.errors import USER_ERRORS
+
+    try:
+        app()
+    except USER_ERRORS as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)

