@@ -1,0 +1,1 @@
+"""InstructS2S data construction: text sources -> rewriting -> responses -> speech -> units."""
