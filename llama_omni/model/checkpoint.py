@@ -26,19 +26,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llama_omni.model.adaptor import AdaptorConfig, SpeechAdaptor
-from llama_omni.model.encoder import (
-    EncoderConfig,
-    WhisperEncoder,
-    load_encoder,
-    load_openai_whisper_checkpoint,
-)
-from llama_omni.model.llm import LLMConfig, SpeechLLM, load_backbone
+from llama_omni.model.encoder import EncoderConfig, WhisperEncoder
+from llama_omni.model.encoder_loaders import load_encoder, load_openai_whisper_checkpoint
+from llama_omni.model.llm import EMBEDDED_SUBDIR, LLMConfig, SpeechLLM, load_backbone
 from llama_omni.model.omni import OmniConfig, OmniModel
 from llama_omni.model.speech_decoder import SpeechDecoder, SpeechDecoderConfig
 
 CONFIG_FILE = "llama_omni.json"
 WEIGHTS_FILE = "model.safetensors"
-LLM_DIR = "llm"
 FORMAT_VERSION = 1
 PUBLISHED_MODEL_TYPE = "omni_speech2s_llama"
 PUBLISHED_PAD_ID = 128004  # what the original inference passes; the config has none
@@ -92,8 +87,8 @@ def save_checkpoint(model: OmniModel, directory: str | Path) -> Path:
     try:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if cfg.llm.source == "embedded":
-            model.llm.model.save_pretrained(tmp / LLM_DIR)
-            model.llm.tokenizer.save_pretrained(tmp / LLM_DIR)
+            model.llm.model.save_pretrained(tmp / EMBEDDED_SUBDIR)
+            model.llm.tokenizer.save_pretrained(tmp / EMBEDDED_SUBDIR)
         payload = {"format_version": FORMAT_VERSION, "config": cfg.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         if directory.exists():
@@ -167,7 +162,7 @@ def load_own_checkpoint(directory: str | Path, *, device=None, dtype=None) -> Om
             )
         loaded_cfg, encoder = load_encoder(cfg.encoder_source, pad_to_30s=cfg.encoder.pad_to_30s)
         _check_encoder_dims(loaded_cfg, cfg.encoder, cfg.encoder_source)
-    backbone, tokenizer = load_backbone(cfg.llm.source, base_dir=directory / LLM_DIR)
+    backbone, tokenizer = load_backbone(cfg.llm.source, base_dir=directory)
     llm = SpeechLLM(backbone, tokenizer, cfg.llm)
     adaptor, decoder = SpeechAdaptor(cfg.adaptor), SpeechDecoder(cfg.speech_decoder)
     load_strict(adaptor, _with_prefix(tensors, "adaptor."), "adaptor")
@@ -273,6 +268,7 @@ def load_published_checkpoint(
 ) -> OmniModel:
     """Import a published-format checkpoint (Llama-3.1-8B-Omni layout) with its behaviour."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
@@ -289,9 +285,16 @@ def load_published_checkpoint(
                    "speech_normalize", "model_type", "architectures", "tune_speech_generator_only",
                    "tokenizer_model_max_length", "tokenizer_padding_side"}
     llama_config = LlamaConfig(**{k: v for k, v in config.items() if k not in omni_fields})
-    backbone, info = LlamaForCausalLM.from_pretrained(
-        directory, config=llama_config, dtype=dtype or torch.float32, output_loading_info=True
-    )
+    # The shards also hold the speech tensors, which transformers reports as unexpected:
+    # they are checked here instead, so its loading report is silenced.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        backbone, info = LlamaForCausalLM.from_pretrained(
+            directory, config=llama_config, dtype=dtype or torch.float32, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     speech_prefixes = ("model.speech_encoder.", "model.speech_projector.", "speech_generator.")
     unexpected = [k for k in info["unexpected_keys"] if not k.startswith(speech_prefixes)]
     mismatched = info.get("mismatched_keys") or []
@@ -300,7 +303,7 @@ def load_published_checkpoint(
             f"{directory}: LLM weights do not match config.json (missing {sorted(info['missing_keys'])}, "
             f"unexpected {sorted(unexpected)}, mis-shaped {mismatched})"
         )
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, config=llama_config)
     llm_cfg = LLMConfig(
         source=str(directory), hidden_size=llama_config.hidden_size, prompt_style="llama3-omni",
         stop_token_ids=_published_stop_ids(directory, config),

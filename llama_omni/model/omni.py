@@ -103,6 +103,22 @@ class OmniModel(nn.Module):
         self.llm = llm
         self.speech_decoder = speech_decoder or SpeechDecoder(config.speech_decoder)
 
+    @classmethod
+    def initialize(cls, config: OmniConfig, *, base_dir=None, device=None, dtype=None) -> "OmniModel":
+        """A model to train: pretrained encoder and LLM from their sources, fresh A and D.
+
+        An "embedded" encoder starts random (for tests); an "embedded" LLM is read from
+        `base_dir`/llm.
+        """
+        from llama_omni.model.encoder_loaders import load_encoder
+
+        if config.encoder_source == "embedded":
+            encoder = WhisperEncoder(config.encoder)
+        else:
+            _, encoder = load_encoder(config.encoder_source, pad_to_30s=config.encoder.pad_to_30s)
+        llm = SpeechLLM.load(config.llm, base_dir=base_dir)
+        return cls(config, encoder, llm).to(device=device, dtype=dtype)
+
     @property
     def device(self) -> torch.device:
         return self.adaptor.linear1.weight.device
@@ -118,6 +134,29 @@ class OmniModel(nn.Module):
         embeddings = self.adaptor(features.to(self.dtype))  # [B, N/k, D]
         counts = self.adaptor.output_lengths(lengths)
         return [embeddings[i, : int(counts[i])] for i in range(len(audios))]
+
+    def answer_states(
+        self,
+        speech: Sequence[torch.Tensor],
+        prompt_ids: Sequence[list[int]],
+        answer_ids: Sequence[list[int]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass over prompt + answer: (logits [B, M, V], c [B, M, D], M_i [B]).
+
+        c_i is the final-layer state at the position that predicted answer token i (the
+        input of the speech decoder), so the sequence fed is prompt + answer[:-1].
+        """
+        sequences = [list(p) + list(a[:-1]) for p, a in zip(prompt_ids, answer_ids)]
+        embeds, mask, positions = self.llm.embed_prompt(sequences, list(speech), padding_side="right")
+        out = self.llm(embeds, mask, positions)
+        real = mask.sum(-1)  # [B]
+        counts = torch.tensor([len(a) for a in answer_ids], device=real.device)
+        width = int(counts.max())
+        index = (real - counts)[:, None] + torch.arange(width, device=real.device)[None, :]
+        index = index.clamp(max=embeds.shape[1] - 1)  # [B, M]; positions past M_i are padding
+        hidden = torch.gather(out.hidden, 1, index[..., None].expand(-1, -1, out.hidden.shape[-1]))
+        logits = torch.gather(out.logits, 1, index[..., None].expand(-1, -1, out.logits.shape[-1]))
+        return logits, hidden, counts
 
     def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
         cfg = self.config.llm
