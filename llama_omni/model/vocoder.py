@@ -6,6 +6,11 @@ weight-norm pairs into plain weights. Each unit is embedded, repeated for its du
 (predicted from the embeddings unless given), and the embedding sequence goes through a
 HiFi-GAN generator that upsamples every step by `hop_length` (320) samples.
 
+Optional (our extension, off for fairseq configs): an iSTFT output head as in iSTFTNet.
+The last layer then predicts a log-magnitude and a phase spectrum, and an inverse STFT
+does the final `istft_hop` x upsampling, so the costly high-rate layers are dropped; this
+is what lets a vocoder train on a few CPU cores in hours.
+
 Two weight formats load here: fairseq's (a `g_*` torch pickle holding {"generator": state
 dict} next to its `config.json`) and ours (`vocoder.json` + `vocoder.safetensors`).
 """
@@ -53,6 +58,8 @@ class VocoderConfig(ConfigBase):
     sample_rate: int = 16000
     lrelu_slope: float = 0.1
     final_lrelu_slope: float = 0.01  # fairseq: F.leaky_relu's default slope before conv_post
+    istft_n_fft: int = 0  # > 0: iSTFT output head with this FFT size (0: waveform head)
+    istft_hop: int = 0  # hop of the iSTFT head, the upsampling it adds
 
     def __post_init__(self) -> None:
         self.upsample_rates = tuple(self.upsample_rates)
@@ -73,6 +80,11 @@ class VocoderConfig(ConfigBase):
                 f"VocoderConfig.dur_dropout must be in [0, 1), got {self.dur_dropout}")
         require(self.lrelu_slope >= 0 and self.final_lrelu_slope >= 0,
                 "VocoderConfig.lrelu_slope and final_lrelu_slope must be >= 0")
+        require((self.istft_n_fft == 0) == (self.istft_hop == 0)
+                and self.istft_n_fft % 2 == 0 and self.istft_hop <= self.istft_n_fft // 2,
+                f"VocoderConfig: istft_n_fft ({self.istft_n_fft}) and istft_hop "
+                f"({self.istft_hop}) must be both 0 (waveform head) or an even FFT size with "
+                "0 < hop <= n_fft / 2 (Hann windows must overlap for the inverse STFT)")
 
     def _validate_upsampling(self) -> None:
         rates, kernels = self.upsample_rates, self.upsample_kernel_sizes
@@ -103,12 +115,13 @@ class VocoderConfig(ConfigBase):
     @property
     def hop_length(self) -> int:
         """Output samples per (duration-expanded) unit step."""
-        return math.prod(self.upsample_rates)
+        return math.prod(self.upsample_rates) * max(1, self.istft_hop)
 
     @classmethod
     def preset(cls, name: str) -> VocoderConfig:
         """Named configs: "codehifigan-1000" (the published mHuBERT-1000 LJSpeech vocoder),
-        "tiny-test" (same rates, small widths, for tests)."""
+        "tiny-test" (same rates, small widths, for tests), "istft-256" (the small
+        iSTFT-head vocoder trained on CPU for the default voice), "tiny-istft-test"."""
         if name not in _PRESETS:
             raise ValueError(f"unknown vocoder preset {name!r}; known presets: {sorted(_PRESETS)}")
         return cls(**_PRESETS[name])
@@ -147,6 +160,25 @@ _PRESETS: dict[str, dict[str, Any]] = {
         resblock_kernel_sizes=(3, 5),
         resblock_dilation_sizes=((1, 3), (1, 3)),
         dur_hidden=16,
+    ),
+    "istft-256": dict(
+        upsample_rates=(5, 4),
+        upsample_kernel_sizes=(11, 8),
+        upsample_initial_channel=256,
+        istft_n_fft=64,
+        istft_hop=16,
+    ),
+    "tiny-istft-test": dict(
+        num_units=32,
+        embed_dim=16,
+        upsample_rates=(5, 4),
+        upsample_kernel_sizes=(11, 8),
+        upsample_initial_channel=32,
+        resblock_kernel_sizes=(3, 5),
+        resblock_dilation_sizes=((1, 3), (1, 3)),
+        dur_hidden=16,
+        istft_n_fft=32,
+        istft_hop=16,
     ),
 }
 
@@ -264,7 +296,9 @@ class UnitVocoder(nn.Module):
             for i in range(len(self.ups))
             for k, d in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes)
         )
-        self.conv_post = nn.Conv1d(ch // 2 ** len(self.ups), 1, 7, padding=3, **factory)
+        post_channels = config.istft_n_fft + 2 if config.istft_n_fft else 1
+        self.conv_post = nn.Conv1d(ch // 2 ** len(self.ups), post_channels, 7, padding=3,
+                                   **factory)
 
     @property
     def device(self) -> torch.device:
@@ -306,8 +340,27 @@ class UnitVocoder(nn.Module):
             x = up(F.leaky_relu(x, slope))  # [B, ch / 2**(i+1), T * prod(rates[:i+1])]
             blocks = self.resblocks[i * kernels:(i + 1) * kernels]
             x = torch.stack([block(x) for block in blocks]).mean(dim=0)
-        x = self.conv_post(F.leaky_relu(x, self.config.final_lrelu_slope))  # [B, 1, T*hop]
-        return torch.tanh(x)
+        x = self.conv_post(F.leaky_relu(x, self.config.final_lrelu_slope))
+        if not self.config.istft_n_fft:
+            return torch.tanh(x)  # [B, 1, T*hop]
+        return self._istft(x)
+
+    def _istft(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, n_fft + 2, T'] log-magnitudes and phases -> [B, 1, T' * istft_hop] wave.
+
+        Magnitudes are capped (exp of at most 100) and phases squashed to [-pi, pi] by a
+        sine, as iSTFTNet does; the wave is clamped to [-1, 1] like the tanh head's.
+        """
+        n_fft, hop = self.config.istft_n_fft, self.config.istft_hop
+        bins = n_fft // 2 + 1
+        x = x.float()
+        magnitude = torch.exp(x[:, :bins]).clamp(max=100.0)  # [B, F, T']
+        phase = math.pi * torch.sin(x[:, bins:])  # [B, F, T']
+        spec = torch.polar(magnitude, phase)  # [B, F, T'] complex
+        window = torch.hann_window(n_fft, device=x.device)
+        wave = torch.istft(spec, n_fft, hop, win_length=n_fft, window=window, center=True,
+                           length=x.shape[-1] * hop)  # [B, T' * hop]
+        return wave.clamp(-1.0, 1.0)[:, None, :]
 
     def vocode(self, units: Sequence[int] | torch.Tensor,
                durations: Sequence[int] | torch.Tensor | None = None) -> np.ndarray:
