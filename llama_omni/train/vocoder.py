@@ -1,0 +1,222 @@
+"""Training of the unit vocoder (generator + duration predictor) against HiFi-GAN's
+discriminators, with checkpoints that resume exactly.
+
+Losses as in HiFi-GAN / fairseq's CodeHiFiGAN: generator = adversarial + 2 x feature
+matching + 45 x mel L1; duration predictor = MSE between its log-duration and
+log(1 + frames) of each merged unit. A checkpoint holds the models, both optimizers and
+schedulers, the torch RNG and the step; batches are a function of (seed, step), so a run
+killed and resumed from a checkpoint continues bit for bit as if never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from llama_omni.configbase import ConfigBase, require
+from llama_omni.model.vocoder import UnitVocoder, VocoderConfig, atomic_path, save_vocoder
+from llama_omni.train.discriminators import (
+    Discriminators,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+    mel_loss,
+)
+from llama_omni.train.vocoder_data import Batch, VocoderData
+
+CHECKPOINT_NAME = "last.pt"
+
+
+@dataclass
+class VocoderTrainConfig(ConfigBase):
+    vocoder: VocoderConfig = field(default_factory=lambda: VocoderConfig.preset("istft-256"))
+    disc_width: float = 0.25  # fraction of HiFi-GAN's discriminator channels
+    steps: int = 20000
+    batch_size: int = 8
+    segment_frames: int = 24  # unit frames per training segment (24 x 20 ms = 0.48 s)
+    lr: float = 2e-4
+    betas: tuple[float, ...] = (0.8, 0.99)
+    lr_decay: float = 0.99998  # per step (HiFi-GAN: 0.999 per epoch)
+    mel_weight: float = 45.0
+    fm_weight: float = 2.0
+    dur_weight: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 25
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch_size", "segment_frames", "checkpoint_every", "log_every",
+                     "threads"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0,
+                    f"VocoderTrainConfig.{name} must be a positive integer, got {value!r}")
+        require(self.vocoder.has_duration_predictor,
+                "VocoderTrainConfig: the vocoder needs a duration predictor")
+
+
+class VocoderTrainer:
+    """Holds the models, optimizers and schedulers of one run directory."""
+
+    def __init__(self, config: VocoderTrainConfig, run_dir: str | Path, data: VocoderData,
+                 export_dir: str | Path | None = None, samples: dict[str, np.ndarray] | None = None):
+        self.config, self.data = config, data
+        self.run_dir = Path(run_dir)
+        self.export_dir = Path(export_dir) if export_dir else None
+        self.samples = samples or {}  # name -> frame-level unit ids, vocoded at checkpoints
+        torch.manual_seed(config.seed)
+        self.generator = UnitVocoder(config.vocoder)
+        self.discriminators = Discriminators(config.disc_width)
+        adam = dict(lr=config.lr, betas=config.betas)
+        self.opt_g = torch.optim.AdamW(self.generator.parameters(), **adam)
+        self.opt_d = torch.optim.AdamW(self.discriminators.parameters(), **adam)
+        self.sched_g = torch.optim.lr_scheduler.ExponentialLR(self.opt_g, config.lr_decay)
+        self.sched_d = torch.optim.lr_scheduler.ExponentialLR(self.opt_d, config.lr_decay)
+        self.step = 0
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        c = self.config
+        self.generator.train()
+        emb = self.generator.dict(batch.units).transpose(1, 2)  # [B, C, F]
+        fake = self.generator.generate_from_embeddings(emb)  # [B, 1, F * hop]
+
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d = discriminator_loss(self.discriminators(batch.wave),
+                                    self.discriminators(fake.detach()))
+        loss_d.backward()
+        self.opt_d.step()
+
+        self.opt_g.zero_grad(set_to_none=True)
+        real_out, fake_out = self.discriminators(batch.wave), self.discriminators(fake)
+        loss_adv = generator_adversarial_loss(fake_out)
+        loss_fm = feature_matching_loss(real_out, fake_out)
+        loss_mel = mel_loss(batch.wave, fake)
+        loss_dur = self._duration_loss(batch)
+        loss_g = loss_adv + c.fm_weight * loss_fm + c.mel_weight * loss_mel + c.dur_weight * loss_dur
+        loss_g.backward()
+        self.opt_g.step()
+        self.sched_g.step()
+        self.sched_d.step()
+        self.step += 1
+        return dict(d=loss_d.item(), adv=loss_adv.item(), fm=loss_fm.item(),
+                    mel=loss_mel.item(), dur=loss_dur.item())
+
+    def _duration_loss(self, batch: Batch) -> torch.Tensor:
+        mask = batch.dur_targets > 0  # [B, U]
+        predicted = self.generator.dur_predictor(self.generator.dict(batch.dur_units))  # [B, U]
+        target = torch.log1p(batch.dur_targets.float())
+        return F.mse_loss(predicted[mask], target[mask])
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return dict(step=self.step, config=self.config.to_dict(),
+                    generator=self.generator.state_dict(),
+                    discriminators=self.discriminators.state_dict(),
+                    opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(),
+                    sched_g=self.sched_g.state_dict(), sched_d=self.sched_d.state_dict(),
+                    torch_rng=torch.get_rng_state())
+
+    def save_checkpoint(self) -> Path:
+        path = self.run_dir / CHECKPOINT_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(self.state(), tmp)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = VocoderTrainConfig.from_dict(state["config"])
+        require(saved.vocoder == self.config.vocoder and saved.disc_width == self.config.disc_width,
+                f"{path} was trained with a different model config ({saved.vocoder}, "
+                f"disc_width {saved.disc_width}); resume with the same config or a new run dir")
+        self.restore(state)
+
+    def restore(self, state: dict) -> None:
+        """Take back everything `state()` returned (models, optimizers, schedulers, RNG, step)."""
+        self.generator.load_state_dict(state["generator"])
+        self.discriminators.load_state_dict(state["discriminators"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+
+    def maybe_resume(self) -> bool:
+        path = self.run_dir / CHECKPOINT_NAME
+        if path.is_file():
+            self.load_checkpoint(path)
+            return True
+        return False
+
+    def on_checkpoint(self) -> None:
+        """Checkpoint, export the generator (for shipping) and write sample wavs."""
+        self.save_checkpoint()
+        if self.export_dir is not None:
+            save_vocoder(self.generator, self.export_dir)
+        self.write_samples()
+
+    @torch.no_grad()
+    def write_samples(self) -> None:
+        self.generator.eval()
+        out = self.run_dir / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        rate = self.config.vocoder.sample_rate
+        for name, frame_ids in self.samples.items():
+            emb = self.generator.dict(torch.as_tensor(frame_ids)[None]).transpose(1, 2)
+            wave = self.generator.generate_from_embeddings(emb)[0, 0].numpy()
+            with atomic_path(out / f"{name}_step{self.step:07d}.wav") as tmp:
+                sf.write(tmp, wave, rate, subtype="PCM_16", format="WAV")
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        c = self.config
+        torch.set_num_threads(c.threads)
+        log_path = self.run_dir / "log.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        sums: dict[str, float] = {}
+        started = time.monotonic()
+        with tqdm(total=c.steps, initial=self.step, desc="vocoder", unit="step") as bar:
+            while self.step < c.steps:
+                batch = self.data.batch(c.seed, self.step, c.batch_size, c.segment_frames)
+                for key, value in self.train_step(batch).items():
+                    sums[key] = sums.get(key, 0.0) + value
+                bar.update(1)
+                if self.step % c.log_every == 0:
+                    means = {k: round(v / c.log_every, 4) for k, v in sums.items()}
+                    bar.set_postfix(means)
+                    record = dict(step=self.step, lr=self.sched_g.get_last_lr()[0],
+                                  elapsed_s=round(time.monotonic() - started, 1), **means)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    sums = {}
+                if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                    self.on_checkpoint()
+
+
+def estimate_steps_per_second(trainer: VocoderTrainer, steps: int = 3) -> float:
+    """Time a few steps (after one warm-up) without keeping their updates."""
+    state = copy.deepcopy(trainer.state())
+    c = trainer.config
+    trainer.train_step(trainer.data.batch(c.seed, 0, c.batch_size, c.segment_frames))
+    start = time.monotonic()
+    for i in range(steps):
+        trainer.train_step(trainer.data.batch(c.seed, i + 1, c.batch_size, c.segment_frames))
+    rate = steps / (time.monotonic() - start)
+    trainer.restore(state)
+    return rate if math.isfinite(rate) else 0.0
