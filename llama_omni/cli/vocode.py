@@ -13,14 +13,14 @@ from llama_omni.model.vocoder import atomic_path, load_vocoder
 
 
 def vocode(
-    vocoder: Annotated[Path, typer.Argument(
+    vocoder: Annotated[Path, typer.Option(
         help="Vocoder directory (vocoder.json + vocoder.safetensors, or fairseq g_* + "
              "config.json) or one of its weight files.")],
-    units: Annotated[str, typer.Argument(
+    units: Annotated[str, typer.Option(
         help='Unit ids separated by spaces or commas, e.g. "12 7 7 431".')],
-    out: Annotated[Path, typer.Argument(help="Output wav file (16-bit PCM).")],
+    out: Annotated[Path, typer.Option(help="Output wav file (16-bit PCM).")],
     durations: Annotated[str | None, typer.Option(
-        help="Frames per unit, same separators and count as UNITS; predicted when omitted.")
+        help="Frames per unit, same separators and count as --units; predicted when omitted.")
     ] = None,
 ) -> None:
     """Vocode a unit sequence to speech and write it as a wav file.
@@ -28,12 +28,12 @@ def vocode(
     Each unit lasts its duration in frames (320 samples = 20 ms at 16 kHz for the
     published vocoder); without --durations the vocoder's duration predictor chooses them.
     """
-    unit_ids = _parse_ints(units, "UNITS")
+    unit_ids = _parse_ints(units, "--units")
     frames = None if durations is None else _parse_ints(durations, "--durations")
     try:
         model = load_vocoder(vocoder)
     except (FileNotFoundError, ValueError) as err:
-        raise typer.BadParameter(str(err), param_hint="VOCODER") from err
+        raise typer.BadParameter(str(err), param_hint="--vocoder") from err
     try:
         wave = model.vocode(unit_ids, frames)  # [T]
     except ValueError as err:
