@@ -6,8 +6,11 @@ import sys
 
 import typer
 
+from llama_omni.cli.data import data_app
+from llama_omni.cli.chat import chat
 from llama_omni.cli.info import info
 from llama_omni.cli.setup import setup
+from llama_omni.cli.train import train_app
 from llama_omni.cli.vocode import vocode
 
 app = typer.Typer(
@@ -20,6 +23,9 @@ app = typer.Typer(
 app.command()(setup)
 app.command()(info)
 app.command()(vocode)
+app.command()(chat)
+app.add_typer(train_app)
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

@@ -1,0 +1,172 @@
+"""Datasets over cached tensors, their collation, and the epoch-seeded batch order.
+
+Stage 1 examples are token ids + labels + the cached encoder features of each speech
+slot; stage 2 examples are one answer each: its cached LLM states c_1..c_M and its units.
+Batches are dataclasses with `.to(device)`, which accelerate's loaders call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset, Sampler
+
+from llama_omni.model.llm import LLMConfig
+from llama_omni.model.prompt import IGNORE_INDEX
+from llama_omni.train.data import Conversation, expand_speech, tokenize
+from llama_omni.train.features import TensorCache
+
+
+class _Movable:
+    def to(self, device, non_blocking: bool = False):
+        moved = {
+            f.name: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        return type(self)(**moved)
+
+
+@dataclass
+class SpeechTextExample:
+    id: str
+    ids: list[int]  # with SPEECH_TOKEN_INDEX slots
+    labels: list[int]  # IGNORE_INDEX outside answers, aligned with ids
+    feature_keys: list[str]  # encoder-feature cache keys, one per speech slot
+    length: int  # text tokens + speech positions (for filtering and batching)
+
+
+@dataclass
+class SpeechTextBatch(_Movable):
+    features: torch.Tensor  # [S, N, De] encoder frames of all S speech slots, zero-padded
+    feature_lengths: torch.Tensor  # [S]
+    ids: list[list[int]]  # [B] prompt-format ids, speech slots in order
+    labels: torch.Tensor  # [B, L] aligned with the embedded sequence (right padding)
+    positions: int  # real (non-padding) sequence positions, for tokens per second
+
+
+def speech_text_examples(
+    conversations: list[Conversation],
+    tokenizer: Any,
+    llm: LLMConfig,
+    feature_keys: dict[Path, str],
+    features: TensorCache,
+    downsample: int,
+    max_length: int,
+) -> tuple[list[SpeechTextExample], list[str]]:
+    """Tokenized examples whose features are cached; returns (kept, ids of too-long items)."""
+    kept, too_long = [], []
+    for conversation in conversations:
+        tokens = tokenize(conversation, tokenizer, llm)
+        keys = [feature_keys[path] for path in conversation.audio]
+        frames = [features.shape(key, "features")[0] // downsample for key in keys]
+        length = len(tokens.ids) - len(keys) + sum(frames)
+        if length > max_length:
+            too_long.append(conversation.id)
+            continue
+        kept.append(SpeechTextExample(conversation.id, tokens.ids, tokens.labels, keys, length))
+    return kept, too_long
+
+
+class SpeechTextDataset(Dataset):
+    def __init__(self, examples: list[SpeechTextExample], features: TensorCache):
+        self.examples = examples
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[SpeechTextExample, list[torch.Tensor]]:
+        example = self.examples[index]
+        return example, [self.features.load(key)["features"] for key in example.feature_keys]
+
+
+@dataclass
+class SpeechTextCollator:
+    """Pads features and expands labels over speech positions (k frames -> 1 position)."""
+
+    downsample: int
+
+    def __call__(self, items: list[tuple[SpeechTextExample, list[torch.Tensor]]]) -> SpeechTextBatch:
+        segments = [f for _, feats in items for f in feats]  # [N_s, De] each
+        lengths = torch.tensor([f.shape[0] for f in segments])
+        labels = []
+        for example, feats in items:
+            counts = [f.shape[0] // self.downsample for f in feats]
+            labels.append(torch.tensor(expand_speech(example.ids, example.labels, counts)))
+        return SpeechTextBatch(
+            features=pad_sequence(segments, batch_first=True).float(),  # [S, N, De]
+            feature_lengths=lengths,
+            ids=[example.ids for example, _ in items],
+            labels=pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),  # [B, L]
+            positions=sum(len(row) for row in labels),
+        )
+
+
+@dataclass
+class UnitExample:
+    id: str  # "<item id>/<answer index>"
+    state_key: str  # cache key of the answer's LLM states
+    units: list[int]
+    length: int  # answer tokens
+
+
+@dataclass
+class UnitBatch(_Movable):
+    hidden: torch.Tensor  # [B, M, D] states c_i of the answer tokens, zero-padded
+    lengths: torch.Tensor  # [B] answer tokens
+    units: torch.Tensor  # [B, U] target units, padded with IGNORE_INDEX
+    positions: int  # answer tokens in the batch
+
+
+class UnitDataset(Dataset):
+    def __init__(self, examples: list[UnitExample], states: TensorCache):
+        self.examples = examples
+        self.states = states
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int]]:
+        example = self.examples[index]
+        return self.states.load(example.state_key)["states"], example.units
+
+
+def collate_units(items: list[tuple[torch.Tensor, list[int]]]) -> UnitBatch:
+    lengths = torch.tensor([h.shape[0] for h, _ in items])
+    return UnitBatch(
+        hidden=pad_sequence([h for h, _ in items], batch_first=True).float(),  # [B, M, D]
+        lengths=lengths,
+        units=pad_sequence([torch.tensor(u) for _, u in items], batch_first=True,
+                           padding_value=IGNORE_INDEX),  # [B, U]
+        positions=int(lengths.sum()),
+    )
+
+
+class EpochBatches(Sampler[list[int]]):
+    """Shuffled micro-batches whose order depends only on (seed, epoch).
+
+    The trainer sets `epoch` before iterating, so a resumed run sees exactly the batches
+    an uninterrupted run would (the data position is then a count of batches to skip).
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True):
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        for start in range(0, self.size, self.batch_size):
+            yield order[start : start + self.batch_size]

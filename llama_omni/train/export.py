@@ -1,0 +1,86 @@
+"""Export a trained model as a llama-omni checkpoint directory (the foundation format).
+
+- A trained LLM (stage 1 "full", or LoRA merged) is written into the checkpoint (`llm/`,
+  source "embedded"), since its weights are no longer those of its source.
+- LoRA not merged: the checkpoint names the base LLM by absolute path and the adapter is
+  stored beside it in `lora/` (peft format); `load_exported` applies it.
+- An LLM left untouched keeps its source (a packaged model stays a reference).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llama_omni.model.checkpoint import load_model, save_checkpoint
+from llama_omni.model.llm import EMBEDDED_SOURCE, PACKAGED_LLMS, resolve_source
+from llama_omni.model.omni import OmniModel
+from llama_omni.train import checkpoints
+from llama_omni.train.config import TrainConfig
+from llama_omni.train.model_setup import (
+    has_lora,
+    llm_trained,
+    merge_lora,
+    model_base_dir,
+    prepare_model,
+)
+
+LORA_DIR = "lora"
+
+
+def export_checkpoint(
+    model: OmniModel,
+    directory: str | Path,
+    *,
+    llm_trained: bool,
+    merge: bool = True,
+    base_dir: str | Path | None = None,
+) -> Path:
+    """Write `model` to `directory`; merging LoRA folds it into `model` in place."""
+    directory = Path(directory)
+    lora = has_lora(model)
+    if lora and merge:
+        merge_lora(model)
+    source = model.config.llm.source
+    if lora and not merge:
+        source = str(resolve_source(source, base_dir).resolve())
+    elif llm_trained:
+        source = EMBEDDED_SOURCE
+    elif source != EMBEDDED_SOURCE and source not in PACKAGED_LLMS:
+        source = str(resolve_source(source, base_dir).resolve())
+    config = model.config.replace(llm=model.config.llm.replace(source=source))
+    view = OmniModel(config, model.encoder, model.llm, model.adaptor, model.speech_decoder)
+    save_checkpoint(view, directory)
+    if lora and not merge:
+        model.llm.model.save_pretrained(directory / LORA_DIR)
+    return directory
+
+
+def load_exported(directory: str | Path, *, device=None, dtype=None) -> OmniModel:
+    """Load an exported checkpoint, applying its unmerged LoRA adapter when there is one."""
+    directory = Path(directory)
+    model = load_model(directory, device=device, dtype=dtype)
+    if (directory / LORA_DIR).is_dir():
+        from peft import PeftModel
+
+        model.llm.model = PeftModel.from_pretrained(model.llm.model, directory / LORA_DIR)
+    return model
+
+
+def export_run(
+    run_dir: str | Path, directory: str | Path, *, step: int | None = None, merge: bool = True
+) -> Path:
+    """Export a training checkpoint of a run (the latest, or the one at `step`)."""
+    run_dir = Path(run_dir)
+    config = TrainConfig.load(run_dir / "config.yaml")
+    found = {int(p.name.split("-")[1]): p for p in checkpoints.checkpoint_dirs(run_dir)}
+    if not found:
+        raise FileNotFoundError(f"{run_dir} holds no complete training checkpoint")
+    if step is not None and step not in found:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint at step {step}; have {sorted(found)}")
+    chosen = found[step if step is not None else max(found)]
+    model = prepare_model(config)
+    checkpoints.load_trainable(model, chosen / checkpoints.WEIGHTS)
+    return export_checkpoint(
+        model, directory, llm_trained=llm_trained(config), merge=merge,
+        base_dir=model_base_dir(config.model),
+    )

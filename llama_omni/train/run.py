@@ -1,0 +1,197 @@
+"""One training run end to end: data -> cached features (and states) -> trainer -> export.
+
+    output_dir/
+      config.yaml        the resolved config (what `llama-omni train export` rebuilds from)
+      metrics.jsonl      one JSON line per log, evaluation and run event
+      tensorboard/       when tensorboard is installed
+      checkpoints/step-NNNNNNNN/
+      final/             the trained model as a llama-omni checkpoint
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+
+from llama_omni.model.omni import OmniModel
+from llama_omni.train.batches import (
+    SpeechTextCollator,
+    SpeechTextDataset,
+    SpeechTextExample,
+    UnitDataset,
+    collate_units,
+    speech_text_examples,
+)
+from llama_omni.train.config import DataSpec, TrainConfig
+from llama_omni.train.data import (
+    Conversation,
+    DataError,
+    check_audio_exists,
+    read_conversations,
+    split_heldout,
+)
+from llama_omni.train.export import export_checkpoint
+from llama_omni.train.features import TensorCache, cache_encoder_features, encoder_namespace
+from llama_omni.train.model_setup import DTYPES, llm_trained, model_base_dir, prepare_model
+from llama_omni.train.stage1 import Stage1Module
+from llama_omni.train.stage2 import (
+    Stage2Module,
+    cache_answer_states,
+    states_namespace,
+    unit_examples,
+)
+from llama_omni.train.trainer import StageData, Trainer, accumulation_steps
+
+log = logging.getLogger(__name__)
+FINAL = "final"
+
+
+def train(config: TrainConfig) -> Path:
+    """Train (resuming from the latest checkpoint of output_dir) and export; returns final/."""
+    accelerator = make_accelerator(config)
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config.to_yaml())
+    set_seed(config.seed)  # the fresh adaptor / decoder start identically in every (re)run
+    model = prepare_model(config, device=accelerator.device)
+    stage = build_stage(config, model)
+    trainer = Trainer(config, accelerator, stage)
+    trainer.resume()
+    trainer.fit()
+    state = accelerator.get_state_dict(trainer.module)  # gathered whole under ZeRO-3 / FSDP
+    final = output_dir / FINAL
+    if accelerator.is_main_process:
+        # The stage module's parameter names are the model's; under ZeRO-3 / FSDP this puts
+        # the gathered weights back into the (unsharded) model before export.
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"trained weights with unknown names: {unexpected[:5]}")
+        export_checkpoint(model, final, llm_trained=llm_trained(config), merge=config.merge_lora,
+                          base_dir=model_base_dir(config.model))
+        log.info("exported the trained model to %s", final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def build_stage(config: TrainConfig, model: OmniModel) -> StageData:
+    """Read the data, fill the caches, and assemble the stage's module and datasets.
+
+    Under several processes each one caches its share, then all wait for the others.
+    """
+    processes = PartialState()
+    train_items, eval_items = load_conversations(config.data)
+    dtype = DTYPES[config.data.cache_dtype]
+    features = TensorCache(
+        config.data.cache_dir, encoder_namespace(model.encoder, model.config.encoder, dtype)
+    )
+    examples = _examples(model, config, train_items + eval_items, features, processes)
+    heldout = {c.id for c in eval_items}
+    split = ([e for e in examples if e.id not in heldout], [e for e in examples if e.id in heldout])
+    if config.stage == "stage1":
+        return _stage1(model, features, *split)
+    return _stage2(model, config, features, *split, train_items + eval_items, processes)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    accum = accumulation_steps(config, PartialState().num_processes)
+    tensorboard = config.tensorboard and importlib.util.find_spec("tensorboard") is not None
+    accelerator = Accelerator(
+        gradient_accumulation_steps=accum,
+        mixed_precision="bf16" if config.precision == "bf16" else "no",
+        log_with="tensorboard" if tensorboard else None,
+        project_dir=config.output_dir,
+        step_scheduler_with_optimizer=False,
+    )
+    if tensorboard:
+        accelerator.init_trackers("tensorboard")
+    return accelerator
+
+
+def load_conversations(spec: DataSpec) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, held-out) conversations; every audio file is checked to exist."""
+    items = read_conversations(spec.train, spec.audio_root)[: spec.max_items]
+    if spec.eval is not None:
+        train, heldout = items, read_conversations(spec.eval, spec.audio_root)[: spec.eval_max_items]
+    else:
+        train, heldout = split_heldout(items, spec.eval_fraction, spec.eval_max_items)
+    if not train:
+        raise DataError(f"{spec.train}: no training items")
+    check_audio_exists(train + heldout)
+    return train, heldout
+
+
+def _examples(
+    model: OmniModel,
+    config: TrainConfig,
+    items: list[Conversation],
+    features: TensorCache,
+    processes: PartialState,
+) -> list[SpeechTextExample]:
+    """Cache the encoder features of every item, then tokenize; too-long items are dropped."""
+    data = config.data
+    keys = cache_encoder_features(
+        model.encoder, model.config.encoder, [(c.id, p) for c in items for p in c.audio], features,
+        batch_size=data.encode_batch_size, dtype=DTYPES[data.cache_dtype],
+        shard=(processes.process_index, processes.num_processes),
+        progress=processes.is_main_process,
+    )
+    processes.wait_for_everyone()
+    examples, too_long = speech_text_examples(
+        items, model.llm.tokenizer, model.config.llm, keys, features,
+        model.adaptor.config.downsample, data.max_length,
+    )
+    if too_long:
+        log.warning("skipped %d items longer than data.max_length=%d (e.g. %s)",
+                    len(too_long), data.max_length, too_long[:3])
+    return examples
+
+
+def _stage1(
+    model: OmniModel,
+    features: TensorCache,
+    train_ex: list[SpeechTextExample],
+    eval_ex: list[SpeechTextExample],
+) -> StageData:
+    return StageData(
+        module=Stage1Module(model.adaptor, model.llm),
+        train=SpeechTextDataset(train_ex, features),
+        eval=SpeechTextDataset(eval_ex, features),
+        collate=SpeechTextCollator(model.adaptor.config.downsample),
+    )
+
+
+def _stage2(
+    model: OmniModel,
+    config: TrainConfig,
+    features: TensorCache,
+    train_ex: list[SpeechTextExample],
+    eval_ex: list[SpeechTextExample],
+    items: list[Conversation],
+    processes: PartialState,
+) -> StageData:
+    dtype = DTYPES[config.data.cache_dtype]
+    states = TensorCache(config.data.cache_dir, states_namespace(model, features.root.name, dtype))
+    cache_answer_states(
+        model, train_ex + eval_ex, features, states, batch_size=config.data.encode_batch_size,
+        dtype=dtype, shard=(processes.process_index, processes.num_processes),
+        progress=processes.is_main_process,
+    )
+    processes.wait_for_everyone()
+    by_id = {c.id: c for c in items}
+    vocab = model.config.speech_decoder.unit_vocab
+    train_units = unit_examples(train_ex, by_id, vocab)
+    if not train_units:
+        raise DataError(f"{config.data.train}: no answer has 'units'; stage 2 trains on units")
+    return StageData(
+        module=Stage2Module(model.speech_decoder),
+        train=UnitDataset(train_units, states),
+        eval=UnitDataset(unit_examples(eval_ex, by_id, vocab), states),
+        collate=collate_units,
+    )
+
