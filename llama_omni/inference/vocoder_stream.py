@@ -7,11 +7,13 @@ Two modes:
 - "seamless" (default): the stream keeps every unit and its duration, and vocodes each
   new stretch of frames together with `left_context_frames` frames already played. The
   last `lookahead_frames` frames are computed but withheld; the next call recomputes them
-  with more right context and cross-fades from the withheld estimate (continuous with
-  what was played) into the new one. Durations are fixed once, with the duration
-  predictor's full context: the last `reach` units of a chunk wait for their right
-  neighbours. With enough context and lookahead the result equals whole-utterance
-  vocoding; the defaults stay within a small error of it (tested).
+  with more right context and, over their first `crossfade_frames`, blends from the
+  withheld estimate (continuous with what was played) into the new one. Durations are
+  fixed once, with the duration predictor's full context: the last `reach` units of a
+  chunk wait for their right neighbours. When the context and the lookahead cover the
+  generator's receptive field the result equals whole-utterance vocoding (tested); the
+  withheld frames delay the end of a chunk's audio, not its start (unless the chunk is
+  shorter than the lookahead).
 
 Use it as a streaming module: `with stream.streaming(n):` gives n independent streams,
 `stream.push(i, units)` returns the new audio of stream i, `final=True` flushes.
@@ -36,13 +38,19 @@ VOCODER_MODES = ("seamless", "independent")
 class VocoderStreamOptions:
     mode: str = "seamless"
     left_context_frames: int = 16  # frames already played, fed again as left context
-    lookahead_frames: int = 8  # frames withheld until more units arrive (then cross-faded)
+    lookahead_frames: int = 8  # frames withheld until more units arrive
+    crossfade_frames: int = 2  # start of the withheld frames blended old -> new
 
     def __post_init__(self) -> None:
         require(self.mode in VOCODER_MODES, f"vocoder mode {self.mode!r}: choose one of {VOCODER_MODES}")
         require(
-            self.left_context_frames >= 0 and self.lookahead_frames >= 0,
-            "left_context_frames and lookahead_frames must be >= 0",
+            min(self.left_context_frames, self.lookahead_frames, self.crossfade_frames) >= 0,
+            "left_context_frames, lookahead_frames and crossfade_frames must be >= 0",
+        )
+        require(
+            self.crossfade_frames <= self.lookahead_frames,
+            f"crossfade_frames ({self.crossfade_frames}) must not exceed lookahead_frames "
+            f"({self.lookahead_frames}): only withheld frames can be cross-faded",
         )
 
 
@@ -120,7 +128,7 @@ class StreamingVocoder(StreamingModule[VocoderStreamState]):
         x = self.vocoder.dict(unit_of_frame).T[None]  # [1, C, F]
         wave = self.vocoder.generate_from_embeddings(x)[0, 0].float().cpu().numpy()  # [F * hop]
         new = wave[(stream.frames_done - start) * self.hop :]
-        _crossfade_into(new, stream.tail)
+        _crossfade_into(new, stream.tail[: self.options.crossfade_frames * self.hop])
         cut = (emit_to - stream.frames_done) * self.hop
         stream.tail = new[cut:].copy()
         stream.frames_done = emit_to
