@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -29,7 +31,6 @@ def write_wav(path: Path, seconds: float, seed: int) -> Path:
 def write_manifest(root: Path, items: int = 4, *, turns: int = 1, units: bool = True,
                    unit_vocab: int = 32, seconds: float = 0.6) -> Path:
     """A manifest directory in the data pipeline's format, with noise audio."""
-    rng = np.random.default_rng(0)
     lines = []
     for i in range(items):
         conversation = []
@@ -41,13 +42,19 @@ def write_manifest(root: Path, items: int = 4, *, turns: int = 1, units: bool = 
             answer = {"role": "assistant", "text": ANSWERS[n % len(ANSWERS)],
                       "audio": f"audio/a{n}.wav", "voice": "test"}
             if units:
-                answer["units"] = rng.integers(0, unit_vocab, size=8 + n % 5).tolist()
+                answer["units"] = word_units(answer["text"], unit_vocab)
                 answer["units_model"] = "test"
             conversation.append(answer)
         lines.append(json.dumps({"id": f"item-{i}", "source": "test", "turns": conversation,
                                  "original": {}}))
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+def word_units(text: str, unit_vocab: int) -> list[int]:
+    """Units that follow the words, like speech: a leading-silence unit 0, then one unit
+    per word (a stable hash of it)."""
+    return [0] + [1 + zlib.crc32(w.encode()) % (unit_vocab - 1) for w in re.findall(r"\w+", text)]
 
 
 def tiny_config(tmp: Path, llm_dir: Path, data: Path, stage: str = "stage1", **values) -> TrainConfig:
@@ -101,3 +108,13 @@ def save_small_vocab_llm(directory: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(directory / "llm")
     tokenizer.save_pretrained(directory / "llm")
     return directory
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared, loaded CPU, thread contention makes tiny models
+    tens of times slower. Import this fixture into a test module to apply it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,23 +1,21 @@
-"""Training conversations: reading manifests, tokenizing with label masks, held-out split.
+"""Training conversations: reading data sets, tokenizing with label masks, held-out split.
 
-Two input formats give the same `Conversation`s:
-- our data pipeline's manifest directory: `manifest.jsonl`, one conversation per line,
-  turns alternating user / assistant, each with an `audio` path relative to the
-  directory; an assistant turn may carry `units` (merged unit ids of its speech);
-- the published LLaMA-Omni format: one JSON list of LLaVA-style records
-  {"id", "speech": path (or a list, one per `<speech>`), "conversations":
-  [{"from": "human", "value": "<speech>\\n..."}, {"from": "gpt", "value": ...}],
-  "tgt_units": [...]} where the units belong to the last answer.
+Two input formats give the same `Conversation`s, through the data package's readers:
+- a manifest directory (`llama_omni.data.manifest`): turns alternating user / assistant,
+  user turns with speech, assistant turns with text and optionally `units`;
+- the published LLaMA-Omni JSON list (`llama_omni.data.export.read_published`): one
+  speech instruction per record, the answer's units in `tgt_units`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from llama_omni.data.export import read_published
+from llama_omni.data.manifest import MANIFEST_NAME, read_manifest
 from llama_omni.model.llm import LLMConfig
 from llama_omni.model.prompt import (
     IGNORE_INDEX,
@@ -27,8 +25,6 @@ from llama_omni.model.prompt import (
     build_training_ids,
 )
 
-MANIFEST_NAME = "manifest.jsonl"
-
 
 class DataError(ValueError):
     """A training item is malformed; the message names the item and what is wrong."""
@@ -36,8 +32,9 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class TrainTurn:
-    """A user turn (speech `audio`, prompt `text` after it: None = the configured
-    instruction) or an assistant turn (answer `text`, optional target `units`)."""
+    """A user turn (speech `audio`, or None for a text-only turn; prompt `text` after
+    the speech: None = the configured instruction) or an assistant turn (answer `text`,
+    optional target `units`)."""
 
     role: str
     text: str | None = None
@@ -68,26 +65,24 @@ class Tokenized:
 
 
 def read_conversations(path: str | Path, audio_root: str | Path | None = None) -> list[Conversation]:
-    """Conversations from a manifest directory / `manifest.jsonl`, or a published-format JSON."""
+    """Conversations of a manifest directory (or its manifest.jsonl) or a published JSON file."""
     path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST_NAME
-    if not path.is_file():
+    if path.is_dir() or path.name == MANIFEST_NAME:
+        directory = path if path.is_dir() else path.parent
+        root = Path(audio_root) if audio_root else directory
+        items = [_from_manifest(item, root) for item in read_manifest(directory)]
+    elif path.is_file():
+        items = [_from_published(record) for record in read_published(path, audio_root)]
+    else:
         raise FileNotFoundError(
             f"training data {path} not found: give a manifest directory (with {MANIFEST_NAME}) "
             "or a published-format JSON file"
         )
-    if path.suffix == ".jsonl":
-        root = Path(audio_root) if audio_root else path.parent
-        items = [_from_manifest(json.loads(line), root, path, n)
-                 for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    else:
-        records = json.loads(path.read_text())
-        if not isinstance(records, list):
-            raise DataError(f"{path}: a published-format file is a JSON list of records")
-        root = Path(audio_root) if audio_root else path.parent
-        items = [_from_published(r, root, path, n) for n, r in enumerate(records, 1)]
-    _check_unique_ids(items, path)
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            raise DataError(f"{path}: item id {item.id!r} appears twice")
+        seen.add(item.id)
     return items
 
 
@@ -99,86 +94,42 @@ def check_audio_exists(conversations: Iterable[Conversation]) -> None:
         raise FileNotFoundError("audio files missing: " + "; ".join(missing[:5]) + more)
 
 
-def _from_manifest(record: Any, root: Path, source: Path, line: int) -> Conversation:
-    where = f"{source} line {line}"
-    if not isinstance(record, dict) or "id" not in record or "turns" not in record:
-        raise DataError(f"{where}: expected an object with 'id' and 'turns'")
+def _from_manifest(item: dict, root: Path) -> Conversation:
+    """The user's text in a manifest is the transcript of its speech: not part of the prompt."""
+    turns = [
+        TrainTurn("user", None, root / t["audio"]) if t["role"] == "user"
+        else TrainTurn("assistant", t["text"], None, _units(t.get("units")))
+        for t in item["turns"]
+    ]
+    return Conversation(item["id"], tuple(turns))
+
+
+def _from_published(record: dict) -> Conversation:
+    """The record's one speech file belongs to the `<speech>` of its first user turn."""
     turns = []
-    for turn in record["turns"]:
-        role = turn.get("role")
-        if role == "user":
-            if not turn.get("audio"):
-                raise DataError(f"{where} (item {record['id']!r}): a user turn has no 'audio'")
-            # The user's text is the transcript of the speech, not part of the prompt.
-            turns.append(TrainTurn("user", None, root / turn["audio"]))
-        elif role == "assistant":
-            units = turn.get("units")
-            turns.append(TrainTurn("assistant", _text(turn, where), None,
-                                   tuple(units) if units is not None else None))
-        else:
-            raise DataError(f"{where} (item {record['id']!r}): unknown role {role!r}")
-    return _validated(Conversation(str(record["id"]), tuple(turns)), where)
+    for n, t in enumerate(record["turns"]):
+        if t["role"] == "assistant":
+            turns.append(TrainTurn("assistant", t["text"], None, _units(t.get("units"))))
+            continue
+        has_speech = SPEECH_PLACEHOLDER in t["text"]
+        if has_speech != (n == 0):
+            raise DataError(
+                f"published item {record['id']!r}: {SPEECH_PLACEHOLDER} must open the first "
+                "human turn and only that one (a record has one speech file)"
+            )
+        text = t["text"].replace(SPEECH_PLACEHOLDER, "", 1).strip()
+        turns.append(TrainTurn("user", text, Path(record["speech"]) if has_speech else None))
+    return Conversation(record["id"], tuple(turns))
 
 
-def _from_published(record: Any, root: Path, source: Path, index: int) -> Conversation:
-    where = f"{source} record {index}"
-    if not isinstance(record, dict) or "conversations" not in record:
-        raise DataError(f"{where}: expected an object with 'conversations'")
-    speech = record.get("speech", [])
-    paths = [root / p for p in ([speech] if isinstance(speech, str) else speech)]
-    turns, slots = [], iter(paths)
-    messages = record["conversations"]
-    for n, message in enumerate(messages):
-        value = str(message.get("value", ""))
-        if message.get("from") == "human":
-            if SPEECH_PLACEHOLDER not in value:
-                raise DataError(f"{where}: a human turn without {SPEECH_PLACEHOLDER!r}")
-            rest = value.replace(SPEECH_PLACEHOLDER, "", 1).strip()
-            audio = next(slots, None)
-            if audio is None:
-                raise DataError(f"{where}: more {SPEECH_PLACEHOLDER!r} turns than 'speech' paths")
-            turns.append(TrainTurn("user", rest, audio))
-        elif message.get("from") == "gpt":
-            last = n == len(messages) - 1
-            units = record.get("tgt_units") if last else None
-            turns.append(TrainTurn("assistant", value, None,
-                                   tuple(units) if units is not None else None))
-        else:
-            raise DataError(f"{where}: unknown speaker {message.get('from')!r}")
-    item_id = str(record.get("id", f"{source.stem}-{index}"))
-    return _validated(Conversation(item_id, tuple(turns)), where)
-
-
-def _text(turn: dict, where: str) -> str:
-    text = turn.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise DataError(f"{where}: an assistant turn has no text")
-    return text
-
-
-def _validated(conversation: Conversation, where: str) -> Conversation:
-    roles = [t.role for t in conversation.turns]
-    expected = ["user", "assistant"] * (len(roles) // 2)
-    if not roles or roles != expected:
-        raise DataError(
-            f"{where} (item {conversation.id!r}): turns must alternate user, assistant and end "
-            f"with an assistant answer; got {roles}"
-        )
-    return conversation
-
-
-def _check_unique_ids(items: list[Conversation], source: Path) -> None:
-    seen: set[str] = set()
-    for item in items:
-        if item.id in seen:
-            raise DataError(f"{source}: item id {item.id!r} appears twice")
-        seen.add(item.id)
+def _units(units: list[int] | None) -> tuple[int, ...] | None:
+    return tuple(units) if units else None
 
 
 def tokenize(conversation: Conversation, tokenizer: Any, llm: LLMConfig) -> Tokenized:
     """Prompt-format ids and labels of a whole conversation (every answer is supervised)."""
     turns = [
-        Turn("user", t.text, True) if t.role == "user" else Turn.assistant(t.text)
+        Turn("user", t.text, t.audio is not None) if t.role == "user" else Turn.assistant(t.text)
         for t in conversation.turns
     ]
     ids, labels = build_training_ids(

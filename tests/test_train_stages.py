@@ -1,0 +1,122 @@
+"""Stage 1 and stage 2: which parameters train, overfitting one batch, the decoder's inputs, export."""
+
+import pytest
+import torch
+
+from llama_omni.model.checkpoint import load_model
+from llama_omni.train.export import export_checkpoint, load_exported
+from llama_omni.train.model_setup import prepare_model
+from llama_omni.train.run import build_stage
+from llama_omni.model.prompt import IGNORE_INDEX
+from llama_omni.train.stage1 import Stage1Module, answer_states, teacher_forced
+from train_helpers import one_thread, save_small_vocab_llm, tiny_config, write_manifest  # noqa: F401
+
+CHATML = {"llm": {"prompt_style": "chat-template"}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_manifest(tmp_path_factory.mktemp("data"), items=3)
+
+
+@pytest.fixture(scope="module")
+def small_llm_dir(tmp_path_factory):
+    return save_small_vocab_llm(tmp_path_factory.mktemp("small-llm"))
+
+
+def setup(tmp_path, llm_dir, data, stage, **values):
+    cfg = tiny_config(tmp_path, llm_dir, data, stage, **values)
+    torch.manual_seed(0)
+    model = prepare_model(cfg)
+    stage_data = build_stage(cfg, model)
+    batch = stage_data.collate([stage_data.train[i] for i in range(2)])
+    return model, stage_data.module, batch
+
+
+@pytest.mark.parametrize("stage, tuning", [
+    ("stage1", "full"), ("stage1", "lora"), ("stage1", "adaptor"), ("stage2", "full"),
+])
+def test_exactly_the_intended_parameters_get_gradients(tmp_path, tiny_llm_dir, data, stage, tuning):
+    model, module, batch = setup(tmp_path, tiny_llm_dir, data, stage, tuning=tuning)
+    loss, count = module.train()(batch)
+    (loss / count).backward()
+    got = {name for name, p in model.named_parameters() if p.grad is not None}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    names = [name for name, _ in model.named_parameters()]
+    expected = {
+        ("stage1", "full"): {n for n in names if n.startswith(("adaptor.", "llm."))},
+        ("stage1", "lora"): {n for n in names if n.startswith("adaptor.") or "lora_" in n},
+        ("stage1", "adaptor"): {n for n in names if n.startswith("adaptor.")},
+        ("stage2", "full"): {n for n in names if n.startswith("speech_decoder.")},
+    }[stage, tuning]
+    assert got == trainable == expected
+    assert all(torch.isfinite(model.get_parameter(n).grad).all() for n in got)
+    if tuning == "lora":
+        assert any("lora_B" in n for n in got) and not any("base_layer" in n for n in got)
+
+
+@pytest.mark.parametrize("stage, lr, steps", [("stage1", 1e-2, 40), ("stage2", 3e-3, 150)])
+def test_overfits_one_batch(tmp_path, small_llm_dir, data, stage, lr, steps):
+    """Loss near zero, and greedy predictions equal the targets (answer tokens / units)."""
+    model, module, batch = setup(tmp_path, small_llm_dir, data, stage, **{"model.overrides": CHATML})
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, count = module.train()(batch)
+        (loss / count).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach() / count))
+    assert losses[-1] < 0.05 * losses[0] and losses[-1] < 0.2, losses[:: steps // 10]
+    module.eval()
+    with torch.no_grad():
+        if stage == "stage1":
+            logits = teacher_forced(model.adaptor, model.llm, batch).logits[:, :-1]
+            targets = batch.labels[:, 1:]
+            supervised = targets != IGNORE_INDEX
+            assert torch.equal(logits.argmax(-1)[supervised], targets[supervised])
+        else:
+            units = model.speech_decoder.predict_units(batch.hidden, batch.lengths)
+            assert units == [[u for u in row if u != IGNORE_INDEX] for row in batch.units.tolist()]
+
+
+def test_stage2_inputs_are_the_models_answer_states(tmp_path, tiny_llm_dir, data):
+    """c_i gathered from one whole-conversation pass equals OmniModel.answer_states."""
+    model, module, batch = setup(tmp_path, tiny_llm_dir, data, "stage1")
+    model.eval()
+    ours = answer_states(model.adaptor, model.llm, batch)  # per item, per answer
+    frames = model.adaptor(batch.features)  # [S, N/k, D]
+    counts = model.adaptor.output_lengths(batch.feature_lengths)
+    speech = [frames[s, : int(n)] for s, n in enumerate(counts)]
+    prompts, answers = [], []
+    for ids, labels in zip(batch.ids, batch.labels.tolist()):
+        start = next(i for i, x in enumerate(labels) if x != -100)  # one slot before it: k positions
+        offset = int(counts[len(prompts)]) - 1  # the speech slot is one id but n embeddings
+        prompts.append(ids[: start - offset])
+        answers.append(ids[start - offset :])
+    with torch.no_grad():
+        _, reference, lengths = model.answer_states(speech, prompts, answers)
+    for b, (item, n) in enumerate(zip(ours, lengths.tolist())):
+        torch.testing.assert_close(item[0], reference[b, :n], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_export_lora(tmp_path, small_llm_dir, data, merge):
+    model, module, batch = setup(tmp_path, small_llm_dir, data, "stage1", tuning="lora",
+                                 **{"model.overrides": CHATML, "lora.dropout": 0.0})
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss, count = module(batch)
+        (loss / count).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    module.eval()
+    with torch.no_grad():
+        expected = module(batch)[0]
+    out = export_checkpoint(model, tmp_path / "export", llm_trained=True, merge=merge,
+                            base_dir=small_llm_dir)
+    loaded = load_exported(out) if not merge else load_model(out)
+    assert (out / "lora").is_dir() != merge and (out / "llm").is_dir() == merge
+    with torch.no_grad():
+        got = Stage1Module(loaded.adaptor, loaded.llm).eval()(batch)[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
