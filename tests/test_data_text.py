@@ -124,7 +124,7 @@ def test_responder_json_raw_text_fallback_and_failures():
                           "text": "The moon has no air. So it has no weather."}
     assert records[1]["method"] == "raw_text" and "three hundred eighty four thousand" in records[1]["text"]
     assert records[2] == {"attempts": 1, "rejected": ["not_json"], "ok": False,
-                          "reason": "response_repetitive"}
+                          "reason": "response_repetitive", "llm_reply": ("I'm here to help you " * 10)}
 
 
 def test_fit_sentences_drops_the_cut_off_tail():

@@ -58,7 +58,11 @@ class UnitsStepConfig(ConfigBase):
 
 @dataclass
 class DataConfig(ConfigBase):
-    """batch_size: items per unit of work (and per state-log write); executor: "local" or "ray"."""
+    """batch_size: items per unit of work (and per state-log write); executor: "local" or "ray".
+
+    wave: run all steps on this many items at a time (None: each step on every item before
+    the next step), so a long build has a complete, growing data set after each wave.
+    """
 
     out: str
     seed: int = 0
@@ -70,11 +74,13 @@ class DataConfig(ConfigBase):
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
     units: UnitsStepConfig = field(default_factory=UnitsStepConfig)
     batch_size: int = 32
+    wave: int | None = None
     executor: str = "local"
 
     def __post_init__(self) -> None:
         require(bool(self.out), "out (the data set directory) is required")
         require(self.batch_size >= 1, "batch_size must be >= 1")
+        require(self.wave is None or self.wave >= 1, "wave must be >= 1 (or null)")
         require(self.executor in ("local", "ray"), f"executor {self.executor!r}: 'local' or 'ray'")
 
     @classmethod

@@ -45,11 +45,13 @@ ITEMS_NAME, SELECTION_NAME, REPORT_NAME = "items.jsonl", "selection.json", "repo
 
 class Pipeline:
     def __init__(self, config: DataConfig, shard: Shard = Shard(), workers: int | None = None,
-                 retry_failed: bool = False, progress: bool = True, log=print):
+                 retry_failed: bool = False, progress: bool = True, log=print,
+                 llm: ChatBackend | None = None):
+        """llm: a ready backend for the text steps (default: built from config.llm)."""
         self.config, self.shard, self.root = config, shard, Path(config.out)
         self.workers = workers or config.synthesize.workers
         self.retry_failed, self.progress, self.log = retry_failed, progress, log
-        self._backend: ChatBackend | None = None
+        self._backend = llm
 
     # -- selection -------------------------------------------------------------------------
 
@@ -92,9 +94,13 @@ class Pipeline:
             removed = remove_temp_files(self.root, f"-{self.shard.tag}")
             if removed:
                 self.log(f"removed {removed} unfinished temp file(s) of an interrupted run")
-            items = self.select()
-            for name in steps:
-                self.run_step(name, items)
+            items = list(enumerate(self.select()))
+            wave = self.config.wave or len(items)
+            for start in range(0, len(items), wave):
+                for name in steps:
+                    self.run_step(name, items[start:start + wave])
+                if start + wave < len(items):
+                    self.finish()  # a complete, growing data set after every wave
         return self.finish()
 
     def _step(self, name: str) -> Step:
@@ -105,12 +111,13 @@ class Pipeline:
             self._backend = make_backend(self.config.llm, self.config.seed)
         return self._backend
 
-    def pending(self, step: Step, items: list[dict]) -> list[dict]:
-        """Views of this shard's items that `step` still has to do and can do."""
+    def pending(self, step: Step, items: list[tuple[int, dict]]) -> list[dict]:
+        """Views of this shard's items (with their positions) that `step` still has to do
+        and can do."""
         done = read_step(self.root, step.name)
         earlier = {name: read_step(self.root, name) for name in step.requires}
         views = []
-        for position, item in enumerate(items):
+        for position, item in items:
             record = done.get(item["id"])
             if not self.shard.owns(position) or record and (record["ok"] or not self.retry_failed):
                 continue
@@ -121,7 +128,7 @@ class Pipeline:
                 views.append(view)
         return views
 
-    def run_step(self, name: str, items: list[dict]) -> None:
+    def run_step(self, name: str, items: list[tuple[int, dict]]) -> None:
         step = self._step(name)
         views = self.pending(step, items)
         if not views:

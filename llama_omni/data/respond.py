@@ -99,7 +99,8 @@ class LLMResponder:
                     record.update(ok=True, text=self.clean(raw), method="raw_text",
                                   fallback_reason=out.reason)
                 else:
-                    record.update(ok=False, reason=f"response_{problem}")
+                    record.update(ok=False, reason=f"response_{problem}",
+                                  llm_reply=out.last_reply[:300])
             else:
                 record.update(ok=False, reason=f"response_{out.reason}")
             records.append(record)

@@ -96,7 +96,7 @@ class LLMRewriter:
         wanted = content_words(normalize_for_tts(original))
         if wanted and len(wanted & content_words(spoken)) / len(wanted) < self.config.min_overlap:
             return "meaning_lost"
-        if len(words) > 2 * len(original.split()) + 10:
+        if len(words) > 1.5 * len(original.split()) + 6:  # an answer, not a rewrite
             return "too_long"
         if sum(w.strip(",.?!").lower() in FILLER_WORDS for w in words) > 4:
             return "too_many_fillers"
@@ -114,7 +114,7 @@ class LLMRewriter:
                 record.update(text=normalize_for_tts(out.value), method=f"llm_{out.status}")
             else:
                 record.update(text=self.rules(item.id, item.text), method="rules",
-                              fallback_reason=out.reason)
+                              fallback_reason=out.reason, llm_reply=(out.last_reply or "")[:300])
             records.append(record)
         return records
 
