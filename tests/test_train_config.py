@@ -77,3 +77,20 @@ def test_cli_help_and_typed_options(tmp_path):
     printed = yaml.safe_load(result.output)
     assert printed["stage"] == "stage2" and printed["optim"]["lr"] == 1e-3 and printed["epochs"] == 1
     assert printed["model"]["checkpoint"] == "runs/s1/final" and printed["model"]["preset"] is None
+
+
+def test_cosine_schedule_with_warmup():
+    import torch
+
+    from llama_omni.train.trainer import cosine_with_warmup
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
+    scheduler = cosine_with_warmup(optimizer, warmup=3, total=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0 and lrs[1] == pytest.approx(2e-5 / 3) and lrs[3] == pytest.approx(2e-5)
+    assert lrs[3 + 97 // 2] == pytest.approx(1e-5, rel=0.05)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] < 1e-8

@@ -25,9 +25,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from llama_omni.train import checkpoints
 from llama_omni.train.batches import EpochBatches
@@ -85,7 +85,7 @@ class Trainer:
             weight_decay=config.optim.weight_decay,
         )
         warmup = math.ceil(config.optim.warmup_ratio * self.total_steps)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
+        scheduler = cosine_with_warmup(optimizer, warmup, self.total_steps)
         self.module, self.optimizer, self.train_loader, self.scheduler = accelerator.prepare(
             stage.module, optimizer, train_loader, scheduler
         )
@@ -225,6 +225,18 @@ class _Window:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         self.start, self.totals = time.perf_counter(), torch.zeros(3, dtype=torch.float64)
         return float(totals[0] / totals[1].clamp(min=1)), float(totals[2] / elapsed)
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> LambdaLR:
+    """Linear warmup from 0 to the peak over `warmup` steps, then a half cosine to 0 at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return LambdaLR(optimizer, factor)
 
 
 def _is_multiple(step: int, every: int) -> bool:
