@@ -69,7 +69,7 @@ def test_batches_are_aligned_and_a_function_of_the_step(corpus):
 
 def _trainer(corpus, run_dir, export_dir=None):
     config = VocoderTrainConfig(vocoder=VocoderConfig.preset("tiny-istft-test"), disc_width=0.0625,
-                                steps=3, batch_size=2, segment_frames=8, checkpoint_every=2,
+                                gan_start_step=2, steps=3, batch_size=2, segment_frames=8, checkpoint_every=2,
                                 log_every=1, threads=1)
     data = VocoderData(corpus, corpus / "units.npz")
     return VocoderTrainer(config, run_dir, data, export_dir,

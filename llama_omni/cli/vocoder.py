@@ -49,10 +49,13 @@ def vocoder_train(
     segment_frames: Annotated[int, typer.Option(help="20 ms unit frames per segment.")] = 24,
     disc_width: Annotated[float, typer.Option(
         help="Discriminator channels as a fraction of HiFi-GAN's.")] = 0.25,
+    gan_start_step: Annotated[int, typer.Option(
+        help="Train with mel + duration losses only until this step.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
     samples: Annotated[int, typer.Option(help="Dev utterances vocoded at checkpoints.")] = 2,
     seed: int = 0,
-    threads: int = 2,
+    threads: Annotated[int, typer.Option(
+        help="Torch threads; on a CPU shared with other jobs 1 is fastest.")] = 1,
 ) -> None:
     """Train (or resume) a unit vocoder on a voice corpus and its units.
 
@@ -69,10 +72,12 @@ def vocoder_train(
     torch.set_num_threads(threads)
     config = VocoderTrainConfig(
         vocoder=VocoderConfig.preset(preset).replace(num_units=num_units),
-        disc_width=disc_width, steps=steps, batch_size=batch_size,
+        disc_width=disc_width, gan_start_step=gan_start_step, steps=steps, batch_size=batch_size,
         segment_frames=segment_frames, checkpoint_every=checkpoint_every, seed=seed,
         threads=threads)
     data = VocoderData(corpus, units, "train", hop=config.vocoder.hop_length)
+    if data.skipped:
+        typer.echo(f"training on {len(data.ids)} utterances; {data.skipped} have no units yet")
     frame_units = load_frame_units(units)
     dev = [u.id for u in read_manifest(corpus, "dev") if u.id in frame_units][:samples]
     trainer = VocoderTrainer(config, run_dir, data, export_dir,

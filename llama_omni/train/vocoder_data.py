@@ -40,7 +40,11 @@ def load_frame_units(path: Path) -> dict[str, np.ndarray]:
 
 
 class VocoderData:
-    """All training audio (int16, in memory) with its frame-level units."""
+    """All training audio (int16, in memory) with its frame-level units.
+
+    Utterances missing from the units file are skipped (counted in `skipped`), so training
+    can start on the part of a corpus whose units are extracted.
+    """
 
     def __init__(self, corpus: str | Path, units_file: str | Path, split: str = "train",
                  hop: int = 320, max_duration_units: int = 200):
@@ -48,17 +52,19 @@ class VocoderData:
         frame_units = load_frame_units(Path(units_file))
         self.hop, self.max_duration_units = hop, max_duration_units
         self.ids, self.units, self.waves = [], [], []
-        for utt in tqdm(read_manifest(corpus, split), desc=f"load {split}", unit="utt"):
+        utterances = read_manifest(corpus, split)
+        self.skipped = sum(u.id not in frame_units for u in utterances)  # not extracted yet
+        for utt in tqdm(utterances, desc=f"load {split}", unit="utt"):
             if utt.id not in frame_units:
-                raise ValueError(f"{units_file} has no units for utterance {utt.id}: extract "
-                                 "units for the whole corpus first")
+                continue
             wave, _ = sf.read(utt.wav_path(corpus), dtype="int16")
             units = frame_units[utt.id]
             self.ids.append(utt.id)
             self.units.append(units)
             self.waves.append(np.pad(wave, (0, max(0, len(units) * hop - len(wave)))))
         if not self.ids:
-            raise ValueError(f"no {split} utterances in {corpus}")
+            raise ValueError(f"none of the {split} utterances of {corpus} has units in "
+                             f"{units_file}: extract them with `llama-omni units extract`")
 
     def batch(self, seed: int, step: int, batch_size: int, frames: int) -> Batch:
         """Random segments of `frames` unit frames, drawn by an RNG keyed on (seed, step)."""

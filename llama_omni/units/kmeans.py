@@ -86,7 +86,7 @@ def _sklearn_centroids(path: Path, trust_pickle: bool) -> np.ndarray:
 
 
 def train_kmeans(features: np.ndarray | torch.Tensor, k: int, seed: int = 0,
-                 batch_size: int = 10000, max_iter: int = 100, n_init: int = 3) -> KMeansCodebook:
+                 batch_size: int = 10000, max_iter: int = 30, n_init: int = 1) -> KMeansCodebook:
     """Fit MiniBatchKMeans (k-means++ init) on [N, D] features, as fairseq's HuBERT recipe."""
     from sklearn.cluster import MiniBatchKMeans
 
@@ -95,6 +95,6 @@ def train_kmeans(features: np.ndarray | torch.Tensor, k: int, seed: int = 0,
         raise ValueError(f"need [N >= k, D] features to fit {k} clusters, got {x.shape}")
     model = MiniBatchKMeans(n_clusters=k, init="k-means++", batch_size=batch_size,
                             max_iter=max_iter, n_init=n_init, random_state=seed,
-                            max_no_improvement=100, reassignment_ratio=0.0, compute_labels=False)
+                            max_no_improvement=10, compute_labels=False)
     model.fit(x)
     return KMeansCodebook(model.cluster_centers_)
