@@ -104,7 +104,6 @@ class VocoderTrainer:
         loss_g.backward()
         self.opt_g.step()
         self.sched_g.step()
-        self.sched_d.step()
         self.step += 1
         return {k: v.item() for k, v in losses.items()}
 
@@ -120,6 +119,7 @@ class VocoderTrainer:
         loss_d = discriminator_loss(real_out, self.discriminators(fake.detach()))
         loss_d.backward()
         self.opt_d.step()
+        self.sched_d.step()  # the discriminators' schedule starts with their first update
         self.discriminators.requires_grad_(False)  # the generator's loss: no D weight grads
         fake_out = self.discriminators(fake)
         self.discriminators.requires_grad_(True)
