@@ -58,19 +58,25 @@ def to_hf_dataset(manifest_dir: str | Path, embed_audio: bool = False):
             })
     if not rows:
         raise ValueError(f"{root / MANIFEST_NAME} has no items to export")
+    # Audio columns are built as plain {bytes, path} structs, then cast: encoding through the
+    # Audio feature would need torchcodec, casting does not.
+    stored = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
     features = datasets.Features({
         "id": datasets.Value("string"), "source": datasets.Value("string"),
         "turn": datasets.Value("int32"), "instruction": datasets.Value("string"),
-        "instruction_audio": datasets.Audio(sampling_rate=16000, decode=False),
+        "instruction_audio": stored,
         "instruction_voice": datasets.Value("string"), "response": datasets.Value("string"),
-        "response_audio": datasets.Audio(sampling_rate=16000, decode=False),
+        "response_audio": stored,
         "response_voice": datasets.Value("string"),
         "units": datasets.Sequence(datasets.Value("int32")),
         "units_model": datasets.Value("string"),
         "original_instruction": datasets.Value("string"),
         "original_response": datasets.Value("string"),
     })
-    return datasets.Dataset.from_list(rows, features=features)
+    dataset = datasets.Dataset.from_list(rows, features=features)
+    for column in ("instruction_audio", "response_audio"):
+        dataset = dataset.cast_column(column, datasets.Audio(sampling_rate=16000, decode=False))
+    return dataset
 
 
 def _units(value) -> list[int] | None:
