@@ -134,3 +134,20 @@ def test_units_config_validates():
 def test_wer_normalizes_case_and_punctuation():
     assert normalize_text("Hello, World-wide!") == ["hello", "world", "wide"]
     assert corpus_wer(["a b c d"], ["A, b; x d."]) == 25.0
+
+
+def test_hubert_features_through_transformers(tmp_path):
+    from transformers import HubertConfig, HubertModel
+
+    from llama_omni.units.features import feature_extractor
+
+    config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, conv_dim=(16,) * 7,
+                          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    torch.manual_seed(0)
+    HubertModel(config).save_pretrained(tmp_path)
+    features = feature_extractor(f"hubert:{tmp_path}", layer=2)
+    frames = features.frames(_speechlike(1.0, 0))
+    assert frames.shape == (49, 32)  # HuBERT's conv stack: 320 samples per frame
+    with pytest.raises(ValueError, match="layer must lie"):
+        feature_extractor(f"hubert:{tmp_path}", layer=3)

@@ -119,3 +119,14 @@ def test_resume_refuses_another_model_config(corpus, tmp_path):
     other.config.disc_width = 0.125
     with pytest.raises(ValueError, match="different model config"):
         other.maybe_resume()
+
+
+def test_vocoder_train_cli_function(corpus, tmp_path):
+    from llama_omni.cli.vocoder import vocoder_train
+
+    vocoder_train(corpus=corpus, units=corpus / "units.npz", run_dir=tmp_path / "run",
+                  num_units=32, export_dir=tmp_path / "export", preset="tiny-istft-test",
+                  steps=2, batch_size=2, segment_frames=8, disc_width=0.0625,
+                  checkpoint_every=1, samples=0)
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert load_vocoder(tmp_path / "export").config.num_units == 32
