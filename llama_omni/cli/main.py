@@ -6,12 +6,15 @@ import sys
 
 import typer
 
-from llama_omni.cli.data import data_app
 from llama_omni.cli.chat import chat
+from llama_omni.cli.data import data_app
 from llama_omni.cli.info import info
+from llama_omni.cli.resynth import resynth
 from llama_omni.cli.setup import setup
 from llama_omni.cli.train import train_app
+from llama_omni.cli.units import units_app
 from llama_omni.cli.vocode import vocode
+from llama_omni.cli.vocoder import vocoder_app
 
 app = typer.Typer(
     name="llama-omni",
@@ -24,8 +27,11 @@ app.command()(setup)
 app.command()(info)
 app.command()(vocode)
 app.command()(chat)
+app.command()(resynth)
 app.add_typer(train_app)
 app.add_typer(data_app, name="data")
+app.add_typer(units_app, name="units")
+app.add_typer(vocoder_app, name="vocoder")
 
 
 def main() -> None:
