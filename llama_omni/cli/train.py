@@ -102,6 +102,42 @@ def export(
     typer.echo(f"exported {run_dir} to {path}")
 
 
+@train_app.command("heldout")
+def heldout(
+    config: Annotated[Path, typer.Argument(help="the run's training config (gives the held-out split)")],
+    checkpoint: Annotated[Path | None, typer.Argument(
+        help="model to score; omit to score the config's starting model (the 'before')")] = None,
+    set_: SetOpt = None,
+    vocoder: Annotated[Path | None, typer.Option(
+        help="unit vocoder directory: also score the units by ASR-WER (stage 2)")] = None,
+    items: Annotated[int, typer.Option(help="held-out items to score (the first N)")] = 50,
+    max_new_tokens: Annotated[int, typer.Option(help="longest generated answer")] = 128,
+    answers: Annotated[bool, typer.Option(
+        "--answers/--no-answers", help="generate answers and score them (ROUGE-L)")] = True,
+    out: Annotated[Path | None, typer.Option(help="write the report (with examples) as JSON")] = None,
+) -> None:
+    """Score a model on the run's held-out items: ROUGE-L of its answers against the
+    references and, with --vocoder, the ASR word error rate of its units."""
+    import json
+
+    from llama_omni.model.vocoder import load_vocoder
+    from llama_omni.train.config import TrainConfig
+    from llama_omni.train.heldout import evaluate, load_for_heldout
+    from llama_omni.train.run import load_conversations
+
+    cfg = TrainConfig.load(config, set_ or [])
+    _, heldout_items = load_conversations(cfg.data)
+    if not heldout_items:
+        raise ValueError(f"{config}: no held-out items (set data.eval or data.eval_fraction)")
+    model = load_for_heldout(checkpoint, cfg)
+    report = evaluate(model, heldout_items[:items], max_new_tokens=max_new_tokens,
+                      vocoder=load_vocoder(vocoder) if vocoder else None, answers=answers)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(json.dumps({k: v for k, v in report.items() if k != "examples"}))
+
+
 def _run(stage: str, config: Path, overrides: list[str] | None, print_only: bool,
          output_dir: Path | None, typed: dict[str, Any], checkpoint: Path | None) -> None:
     from llama_omni.train.config import TrainConfig

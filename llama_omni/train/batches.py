@@ -38,7 +38,7 @@ class SpeechTextExample:
     ids: list[int]  # with SPEECH_TOKEN_INDEX slots
     labels: list[int]  # IGNORE_INDEX outside answers, aligned with ids
     feature_keys: list[str]  # encoder-feature cache keys, one per speech slot
-    length: int  # text tokens + speech positions (for filtering and batching)
+    length: int  # text tokens + speech positions (max_length filter, caching order)
 
 
 @dataclass
@@ -113,7 +113,6 @@ class UnitExample:
     id: str  # "<item id>/<answer index>"
     state_key: str  # cache key of the answer's LLM states
     units: list[int]
-    length: int  # answer tokens
 
 
 @dataclass
@@ -155,18 +154,15 @@ class EpochBatches(Sampler[list[int]]):
     an uninterrupted run would (the data position is then a count of batches to skip).
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True):
-        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
         self.epoch = 0
 
     def __len__(self) -> int:
         return -(-self.size // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
         for start in range(0, self.size, self.batch_size):
             yield order[start : start + self.batch_size]

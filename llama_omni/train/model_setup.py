@@ -19,14 +19,14 @@ from llama_omni.train.config import LoraSpec, ModelSpec, TrainConfig
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_model(spec: ModelSpec, device: torch.device | str | None = None) -> OmniModel:
     """The starting model; its trainable parts are set later by `set_trainable`."""
     from llama_omni.model.checkpoint import load_model
 
-    dtype = DTYPES[spec.dtype]
+    dtype = TORCH_DTYPES[spec.dtype]
     if spec.preset is not None:
         config = OmniConfig.from_dict(_merge(OmniConfig.preset(spec.preset).to_dict(), spec.overrides))
         return OmniModel.initialize(config, base_dir=spec.base_dir, device=device, dtype=dtype)

@@ -36,7 +36,7 @@ from llama_omni.train.data import (
 )
 from llama_omni.train.export import export_checkpoint
 from llama_omni.train.features import TensorCache, cache_encoder_features, encoder_namespace
-from llama_omni.train.model_setup import DTYPES, llm_trained, model_base_dir, prepare_model
+from llama_omni.train.model_setup import TORCH_DTYPES, llm_trained, model_base_dir, prepare_model
 from llama_omni.train.stage1 import Stage1Module
 from llama_omni.train.stage2 import (
     Stage2Module,
@@ -86,7 +86,7 @@ def build_stage(config: TrainConfig, model: OmniModel) -> StageData:
     """
     processes = PartialState()
     train_items, eval_items = load_conversations(config.data)
-    dtype = DTYPES[config.data.cache_dtype]
+    dtype = TORCH_DTYPES[config.data.cache_dtype]
     features = TensorCache(
         config.data.cache_dir, encoder_namespace(model.encoder, model.config.encoder, dtype)
     )
@@ -137,7 +137,7 @@ def _examples(
     data = config.data
     keys = cache_encoder_features(
         model.encoder, model.config.encoder, [(c.id, p) for c in items for p in c.audio], features,
-        batch_size=data.encode_batch_size, dtype=DTYPES[data.cache_dtype],
+        batch_size=data.encode_batch_size, dtype=TORCH_DTYPES[data.cache_dtype],
         shard=(processes.process_index, processes.num_processes),
         progress=processes.is_main_process,
     )
@@ -175,7 +175,7 @@ def _stage2(
     items: list[Conversation],
     processes: PartialState,
 ) -> StageData:
-    dtype = DTYPES[config.data.cache_dtype]
+    dtype = TORCH_DTYPES[config.data.cache_dtype]
     states = TensorCache(config.data.cache_dir, states_namespace(model, features.root.name, dtype))
     cache_answer_states(
         model, train_ex + eval_ex, features, states, batch_size=config.data.encode_batch_size,

@@ -57,7 +57,7 @@ def unit_examples(
     """One stage-2 example per answer that has units; answers without units are skipped."""
     out = []
     for example in examples:
-        keys, spans = _state_keys(example), answer_spans(example.labels)
+        keys = _state_keys(example)
         for j, units in enumerate(conversations[example.id].answer_units):
             if not units:
                 continue
@@ -67,8 +67,7 @@ def unit_examples(
                     f"speech decoder has {unit_vocab} units; set "
                     "model.overrides.speech_decoder.unit_vocab to the unit vocabulary size"
                 )
-            length = spans[j][1] - spans[j][0]
-            out.append(UnitExample(f"{example.id}/{j}", keys[j], list(units), length))
+            out.append(UnitExample(f"{example.id}/{j}", keys[j], list(units)))
     return out
 
 

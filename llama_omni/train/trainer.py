@@ -64,6 +64,8 @@ class Trainer:
         self.accelerator = accelerator
         self.output_dir = Path(config.output_dir)
         self.progress = checkpoints.Progress()
+        if not len(stage.train):
+            raise ValueError("no training examples (after the data.max_length filter)")
         self.sampler = EpochBatches(len(stage.train), config.micro_batch_size, config.seed)
         workers = dict(collate_fn=stage.collate, num_workers=config.data.num_workers)
         train_loader = DataLoader(stage.train, batch_sampler=self.sampler, **workers)
@@ -122,6 +124,8 @@ class Trainer:
         })
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=cfg.stage,
                    unit="step", disable=not acc.is_main_process)
+        if self.progress.step == 0:
+            self._log_eval(0)  # the "before" of the held-out loss
         window = _Window()
         self.module.train()
         while self.progress.step < self.total_steps:
@@ -183,11 +187,14 @@ class Trainer:
                        "tokens_per_second": per_second})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if _is_multiple(step, cfg.eval_every) or step == self.total_steps:
-            eval_loss = self.evaluate()
-            if eval_loss is not None:
-                self._log({"step": step, "eval_loss": eval_loss})
+            self._log_eval(step)
         if _is_multiple(step, cfg.save_every):
             self._save()
+
+    def _log_eval(self, step: int) -> None:
+        eval_loss = self.evaluate()
+        if eval_loss is not None:
+            self._log({"step": step, "eval_loss": eval_loss})
 
     def _save(self) -> None:
         step = self.progress.step
