@@ -34,15 +34,15 @@ def served(request):
 
 
 def test_smollm2_through_the_chat_protocol(served):
-    local = TransformersChatBackend("packaged:smollm2-135m-instruct", batch_size=2, threads=2)
+    local = TransformersChatBackend("packaged:smollm2-135m-instruct", batch_size=2, threads=1)
     url = served(make_server(local, "smollm2"))
     client = OpenAIChatBackend(url, "smollm2", concurrency=2, timeout=120, max_retries=0)
     conversations = [[{"role": "user", "content": "What is the capital of France?"}],
                      [{"role": "user", "content": "Say hello."}]]
-    remote = client.chat(conversations, max_new_tokens=12)
+    remote = client.chat(conversations, max_new_tokens=8)
     assert all(isinstance(r, str) and r for r in remote)
     # greedy decoding: the served replies are the model's own replies
-    assert remote == local.chat(conversations, max_new_tokens=12)
+    assert remote == local.chat(conversations, max_new_tokens=8)
 
 
 class Misbehaving(BaseHTTPRequestHandler):

@@ -16,7 +16,7 @@ TEXT = ("The weather is lovely today. Please open the kitchen window. "
 def transcribe():
     from llama_omni.units.quality import Transcriber
 
-    return Transcriber(threads=2)
+    return Transcriber(threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -129,7 +129,15 @@ class PiperTTS(TTSBackend):
             paths = self._paths()
             if name not in paths:
                 raise TTSError(f"piper voice {name!r} not found; available: {sorted(paths)}")
-            self._loaded[name] = PiperVoice.load(paths[name])
+            voice = PiperVoice.load(paths[name])
+            # piper's session uses every core; on a shared machine that spins, so cap it
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = self.threads
+            voice.session = onnxruntime.InferenceSession(
+                paths[name], sess_options=options, providers=["CPUExecutionProvider"])
+            self._loaded[name] = voice
         return self._loaded[name]
 
     def synthesize(self, text: str, voice: str | None = None) -> np.ndarray:
