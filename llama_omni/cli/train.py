@@ -154,5 +154,6 @@ def _run(stage: str, config: Path, overrides: list[str] | None, print_only: bool
     from llama_omni.train.run import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file
     final = train(cfg)
     typer.echo(f"trained model: {final}")
