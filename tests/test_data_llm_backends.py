@@ -152,3 +152,14 @@ def test_concurrency_and_rate_limit(bad_server):
     start = time.monotonic()
     _ask(limited, *[f"r{i}" for i in range(6)])
     assert time.monotonic() - start >= 0.5  # 6 request starts, at least 0.1 s apart
+
+
+def test_shared_prefix_cache_gives_the_same_replies():
+    backend = TransformersChatBackend("packaged:smollm2-135m-instruct", batch_size=4, threads=1)
+    system = {"role": "system", "content": "You are a helpful assistant who answers in one short "
+                                           "sentence, plainly and kindly, without lists."}
+    conversations = [[system, {"role": "user", "content": q}] for q in
+                     ("What is the capital of France?", "Name a fruit.", "Hi")]
+    cached = backend.chat(conversations, max_new_tokens=8)
+    backend.MIN_SHARED_PREFIX = 10**6  # plain left padding, no shared cache
+    assert backend.chat(conversations, max_new_tokens=8) == cached
