@@ -1,0 +1,176 @@
+"""One model worker thread that answers the turns of every session, batched.
+
+Sessions submit `Job`s into a bounded queue (full: `QueueFull`, which clients see as
+"server busy"). The worker takes the oldest job plus every queued job with the same
+decoding options (up to max_batch) and decodes them as one batch in the engine; jobs
+that arrive meanwhile form the next batch. Events go to each job's `emit` callback from
+the worker thread. A cancelled job gets no more events; its row stops costing anything
+once the whole batch is cancelled (a batch is not split mid-answer).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from llama_omni.audio import AudioError
+from llama_omni.inference.engine import Engine, EngineOptions
+from llama_omni.inference.events import AudioChunk, End, Event, TextDelta, Units
+from llama_omni.model.omni import OmniModel
+from llama_omni.model.vocoder import UnitVocoder
+from llama_omni.serve.sessions import History
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The scheduler's queue holds its maximum of waiting turns."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A job that could not be answered: `code` is machine-readable, `message` for people."""
+
+    code: str
+    message: str
+
+
+JobEvent = TextDelta | Units | AudioChunk | End | Failure
+
+
+@dataclass
+class Job:
+    """One turn to answer. `t_end`: perf_counter() time the user's audio ended."""
+
+    audio: np.ndarray  # [T] float32 at 16 kHz
+    history: History
+    options: EngineOptions
+    emit: Callable[[JobEvent], None]
+    t_end: float = field(default_factory=time.perf_counter)
+    speech: torch.Tensor | None = None  # [N, D] set once encoded (for the session's history)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: OmniModel,
+        vocoder: UnitVocoder | None,
+        max_queue: int = 32,
+        max_batch: int = 8,
+    ):
+        self.model = model
+        self.vocoder = vocoder
+        self.max_queue, self.max_batch = max_queue, max_batch
+        self._pending: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._engines: OrderedDict[EngineOptions, Engine] = OrderedDict()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.active = 0  # jobs in the batch being decoded
+        self.batches = 0
+        self.batched_jobs = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            for job in self._pending:
+                job.cancel()
+            self._pending.clear()
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- submitting --------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def submit(self, job: Job) -> Job:
+        with self._wake:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self._pending)} turns are waiting; try again shortly")
+            self._pending.append(job)
+            self._wake.notify()
+        return job
+
+    # -- the worker --------------------------------------------------------------------
+    def _next_batch(self) -> list[Job] | None:
+        with self._wake:
+            while not self._pending and not self._stopping:
+                self._wake.wait()
+            if self._stopping:
+                return None
+            head = self._pending.popleft()
+            batch = [head]
+            for job in list(self._pending):
+                if len(batch) == self.max_batch:
+                    break
+                if job.options == head.options:
+                    self._pending.remove(job)
+                    batch.append(job)
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self.active = len(batch)
+            try:
+                self._decode([job for job in batch if not job.cancelled.is_set()])
+            except Exception as err:  # a bug must not kill the worker: fail the batch, go on
+                log.exception("decoding a batch failed")
+                for job in batch:
+                    job.emit(Failure("server_error", f"decoding failed: {type(err).__name__}: {err}"))
+            finally:
+                self.active = 0
+
+    def _engine(self, options: EngineOptions) -> Engine:
+        engine = self._engines.pop(options, None) or Engine(self.model, self.vocoder, options)
+        self._engines[options] = engine  # most recently used last
+        while len(self._engines) > 8:
+            self._engines.popitem(last=False)
+        return engine
+
+    def _decode(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        engine = self._engine(jobs[0].options)
+        requests, ready = [], []
+        for job in jobs:  # one at a time, so that a bad input fails only its own job
+            try:
+                job.speech = engine.encode([job.audio])[0]
+                requests.append(job.history.request(self.model, job.speech, job.options.max_new_tokens))
+                ready.append(job)
+            except AudioError as err:
+                job.emit(Failure("invalid_audio", str(err)))
+        if not ready:
+            return
+        self.batches += 1
+        self.batched_jobs += len(ready)
+        events = engine.stream(requests)
+        try:
+            for event in events:
+                job = ready[event.request]
+                if not job.cancelled.is_set():
+                    job.emit(event)
+                if all(j.cancelled.is_set() for j in ready):
+                    break
+        finally:
+            events.close()
