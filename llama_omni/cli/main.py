@@ -7,6 +7,7 @@ import sys
 import typer
 
 from llama_omni.cli.chat import chat
+from llama_omni.cli.eval import evaluate
 from llama_omni.cli.data import data_app
 from llama_omni.cli.info import info
 from llama_omni.cli.resynth import resynth
@@ -27,6 +28,7 @@ app.command()(setup)
 app.command()(info)
 app.command()(vocode)
 app.command()(chat)
+app.command("eval")(evaluate)
 app.command()(resynth)
 app.add_typer(train_app)
 app.add_typer(data_app, name="data")

