@@ -91,7 +91,8 @@ def data_import_published(
     json_file: Annotated[Path, typer.Argument(help="LLaMA-Omni data JSON (LLaVA style).")],
     out: Annotated[Path, typer.Option(help="Data set directory to write.")],
     audio_root: Annotated[Path | None, typer.Option(
-        help="Directory the 'speech' paths are relative to (default: the JSON's directory).")] = None,
+        help="Directory the 'speech' paths are relative to (default: the JSON's "
+             "directory).")] = None,
 ) -> None:
     """Convert the published LLaMA-Omni data format into a manifest (audio converted to FLAC)."""
     from llama_omni.data.export import import_published

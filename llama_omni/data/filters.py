@@ -30,7 +30,8 @@ _CODE_RE = re.compile(
 )
 _CODE_WORDS_RE = re.compile(
     r"\b(?:code|coding|program(?:ming)?|python|javascript|typescript|java|c\+\+|c#|golang|rust|"
-    r"js|coffeescript|nginx|sql|html|css|regex|api|json|yaml|bash|shell script|function|compile[rd]?|debug|script|"
+    r"js|coffeescript|nginx|sql|html|css|regex|api|json|yaml|bash|shell script|function|"
+    r"compile[rd]?|debug|script|"
     r"github|repository|dataframe|pandas|numpy|react|django|flask|docker|kubernetes|linux "
     r"command|algorithm|variable|array)\b",
     re.IGNORECASE,

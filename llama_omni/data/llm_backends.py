@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import random
-import socket
 import threading
 import time
 import urllib.error
@@ -64,7 +63,8 @@ class BackendConfig(ConfigBase):
     temperature: float = 0.0
 
     def __post_init__(self) -> None:
-        require(self.kind in BACKEND_KINDS, f"llm.kind {self.kind!r}: choose one of {BACKEND_KINDS}")
+        require(self.kind in BACKEND_KINDS,
+                f"llm.kind {self.kind!r}: choose one of {BACKEND_KINDS}")
         require(self.kind != "openai" or bool(self.base_url),
                 "llm.base_url is required for kind 'openai' (e.g. http://127.0.0.1:8000/v1)")
         for name in ("batch_size", "threads", "concurrency", "max_new_tokens"):
@@ -153,10 +153,10 @@ class OpenAIChatBackend(ChatBackend):
                                  err.headers.get("Retry-After"))
                 if err.code != 429 and err.code < 500:
                     raise error from None
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 error = LLMError("timeout", f"{self.url}: no answer within {self.timeout} s")
             except urllib.error.URLError as err:
-                timed_out = isinstance(err.reason, (TimeoutError, socket.timeout))
+                timed_out = isinstance(err.reason, TimeoutError)
                 error = LLMError("timeout" if timed_out else "connection",
                                  f"{self.url}: {err.reason}")
             except (ConnectionError, http.client.HTTPException) as err:
@@ -217,8 +217,9 @@ class TransformersChatBackend(ChatBackend):
     def chat(self, conversations: list[Messages], max_new_tokens: int,
              temperature: float = 0.0) -> list[str | LLMError]:
         _, tokenizer = self._loaded
-        ids = [tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False).input_ids for c in conversations]
+        prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                   for c in conversations]
+        ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         replies: list[str | LLMError] = [""] * len(ids)
         for start in range(0, len(order), self.batch_size):

@@ -87,7 +87,8 @@ def _date(m: re.Match) -> str:
 
 
 _NUM = r"\d{1,3}(?:,\d{3})+|\d+"
-_CURRENCY_RE = re.compile(rf"([$€£¥])\s?({_NUM})(?:\.(\d+))?(\s?(?:thousand|million|billion|[kKmMbB]\b))?")
+_CURRENCY_RE = re.compile(
+    rf"([$€£¥])\s?({_NUM})(?:\.(\d+))?(\s?(?:thousand|million|billion|[kKmMbB]\b))?")
 _PERCENT_RE = re.compile(rf"({_NUM})(?:\.(\d+))?\s?%")
 _ORDINAL_RE = re.compile(r"\b(\d+)(st|nd|rd|th)\b", re.IGNORECASE)
 _TIME_RE = re.compile(r"\b(\d{1,2}):(\d{2})\b")
@@ -195,7 +196,8 @@ def tidy(text: str) -> str:
 def normalize_for_tts(text: str) -> str:
     """Written text -> what a TTS voice should read (one line, words only)."""
     text = strip_markup(re.sub(r"(?<=\d)\s?\*\s?(?=\d)", " times ", text))
-    text = re.sub(r"(?<=\w)[ \t]*\n\s*", ". ", text)  # a line without end punctuation ends a sentence
+    # a line that ends without punctuation ends a sentence
+    text = re.sub(r"(?<=\w)[ \t]*\n\s*", ". ", text)
     return tidy(spell_symbols(spell_numbers(text)))
 
 

@@ -44,11 +44,11 @@ ITEMS_NAME, SELECTION_NAME, REPORT_NAME = "items.jsonl", "selection.json", "repo
 
 
 class Pipeline:
-    def __init__(self, config: DataConfig, shard: Shard = Shard(), workers: int | None = None,
+    def __init__(self, config: DataConfig, shard: Shard | None = None, workers: int | None = None,
                  retry_failed: bool = False, progress: bool = True, log=print,
                  llm: ChatBackend | None = None):
         """llm: a ready backend for the text steps (default: built from config.llm)."""
-        self.config, self.shard, self.root = config, shard, Path(config.out)
+        self.config, self.shard, self.root = config, shard or Shard(), Path(config.out)
         self.workers = workers or config.synthesize.workers
         self.retry_failed, self.progress, self.log = retry_failed, progress, log
         self._backend = llm
@@ -66,8 +66,8 @@ class Pipeline:
             saved = json.loads(selection_path.read_text())
             if saved["fingerprint"] != self._fingerprint():
                 raise ValueError(
-                    f"{self.root} was built from another source/filters config ({saved['config']}); "
-                    "use a new `out` directory for a different selection")
+                    f"{self.root} was built from another source/filters config "
+                    f"({saved['config']}); use a new `out` directory for a different selection")
             return list(read_jsonl(items_path))
         rejected: Counter = Counter()
         kept = apply_filters(read_source(self.config.source), self.config.filters, rejected)

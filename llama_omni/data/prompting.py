@@ -164,8 +164,9 @@ def ask(backend: ChatBackend, conversations: list[Messages], key: str | None, *,
             except ReplyError as err:
                 out.reason = err.reason
                 out.history.append(err.reason)
+                again = _retry_request(key, err.reason)
                 pending[i] = pending[i] + [{"role": "assistant", "content": reply},
-                                           {"role": "user", "content": _retry_request(key, err.reason)}]
+                                           {"role": "user", "content": again}]
                 continue
             out.value, out.status, out.reason = value, status, None
             del pending[i]

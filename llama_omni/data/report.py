@@ -7,13 +7,15 @@ from collections.abc import Iterator
 
 from llama_omni.data.config import STEPS
 
+REQUIRED_STEPS = ("rewrite", "respond", "synthesize")  # what an item needs to be in the manifest
+
 
 def assemble(items: list[dict], records: dict[str, dict[str, dict]]) -> Iterator[dict]:
     """Manifest items (manifest.py format) for every item whose text and speech steps all
     succeeded; units are added where the units step succeeded."""
     for item in items:
         done = {name: records[name].get(item["id"]) for name in STEPS}
-        if not all(done[name] and done[name]["ok"] for name in ("rewrite", "respond", "synthesize")):
+        if not all(done[name] and done[name]["ok"] for name in REQUIRED_STEPS):
             continue
         speech = done["synthesize"]
         assistant = {"role": "assistant", "text": done["respond"]["text"],
@@ -42,14 +44,15 @@ def summarize(items: list[dict], records: dict[str, dict[str, dict]], manifest: 
             "ok": len(done) - len(failed),
             "failed": len(failed),
             "failures": dict(Counter(r["reason"] for r in failed).most_common()),
-            "seconds_per_item": round(sum(r["seconds"] for r in done) / len(done), 3) if done else None,
+            "seconds_per_item": (round(sum(r["seconds"] for r in done) / len(done), 3)
+                                 if done else None),
             "not_done": len(items) - len(done),
         }
         methods = Counter(r["method"] for r in done if "method" in r)
         if methods:
             steps[name]["methods"] = dict(methods.most_common())
-            steps[name]["fallback_reasons"] = dict(
-                Counter(r["fallback_reason"] for r in done if r.get("fallback_reason")).most_common())
+            fallbacks = Counter(r["fallback_reason"] for r in done if r.get("fallback_reason"))
+            steps[name]["fallback_reasons"] = dict(fallbacks.most_common())
             steps[name]["rejected_attempts"] = dict(
                 Counter(reason for r in done for reason in r.get("rejected", [])).most_common())
             steps[name]["llm_attempts"] = sum(r.get("attempts", 0) for r in done)

@@ -39,7 +39,8 @@ class RewriteConfig(ConfigBase):
     filler_prob: float = 0.6
 
     def __post_init__(self) -> None:
-        require(self.method in ("llm", "rules"), f"rewrite.method {self.method!r}: 'llm' or 'rules'")
+        require(self.method in ("llm", "rules"),
+                f"rewrite.method {self.method!r}: 'llm' or 'rules'")
         require(self.retries >= 0, "rewrite.retries must be >= 0")
         require(0 <= self.min_overlap <= 1, "rewrite.min_overlap must be in [0, 1]")
         require(0 <= self.filler_prob <= 1, "rewrite.filler_prob must be in [0, 1]")
@@ -50,7 +51,7 @@ def content_words(text: str) -> set[str]:
 
 
 def _lower_first(text: str) -> str:
-    """Lower-case the first letter unless the first word looks like a name or acronym ("I", "NASA")."""
+    """Lower-case the first letter, unless the first word is "I" or an acronym ("NASA")."""
     first = text.split(" ", 1)[0]
     if len(first) > 1 and first[1:].islower():
         return text[0].lower() + text[1:]

