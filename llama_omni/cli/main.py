@@ -11,6 +11,7 @@ from llama_omni.cli.eval import evaluate
 from llama_omni.cli.data import data_app
 from llama_omni.cli.info import info
 from llama_omni.cli.resynth import resynth
+from llama_omni.cli.serve import gradio, serve
 from llama_omni.cli.setup import setup
 from llama_omni.cli.train import train_app
 from llama_omni.cli.units import units_app
@@ -30,6 +31,8 @@ app.command()(vocode)
 app.command()(chat)
 app.command("eval")(evaluate)
 app.command()(resynth)
+app.command()(serve)
+app.command()(gradio)
 app.add_typer(train_app)
 app.add_typer(data_app, name="data")
 app.add_typer(units_app, name="units")
