@@ -44,8 +44,8 @@ def summarize(items: list[dict], records: dict[str, dict[str, dict]], manifest: 
             "ok": len(done) - len(failed),
             "failed": len(failed),
             "failures": dict(Counter(r["reason"] for r in failed).most_common()),
-            "seconds_per_item": (round(sum(r["seconds"] for r in done) / len(done), 3)
-                                 if done else None),
+            "seconds_per_item": _mean([r["seconds"] for r in done]),
+            "cpu_seconds_per_item": _mean([r["cpu_seconds"] for r in done if "cpu_seconds" in r]),
             "not_done": len(items) - len(done),
         }
         methods = Counter(r["method"] for r in done if "method" in r)
@@ -71,13 +71,17 @@ def summarize(items: list[dict], records: dict[str, dict[str, dict]], manifest: 
     }
 
 
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 3) if values else None
+
+
 def format_report(report: dict) -> str:
     """A few lines for the terminal."""
     lines = [f"selected {report['selection']['selected']} items "
              f"(rejected: {report['selection']['rejected']})"]
     for name, step in report["steps"].items():
         line = (f"{name:>10}: {step['ok']} ok, {step['failed']} failed, {step['not_done']} not done"
-                f", {step['seconds_per_item']} s/item")
+                f", {step['seconds_per_item']} s/item ({step['cpu_seconds_per_item']} s CPU)")
         if step["failures"]:
             line += f"; failures {step['failures']}"
         if step.get("methods"):
