@@ -1,5 +1,6 @@
 """Every installed TTS backend gives 16 kHz audio that Whisper base transcribes correctly."""
 
+import json
 import shutil
 
 import numpy as np
@@ -89,3 +90,32 @@ def test_errors_are_clear():
         make_backend("nope")
     with pytest.raises(ValueError, match="<backend>:<voice>"):
         VoicePool(["slt"])
+
+
+def test_vits_adapter_with_a_tiny_random_model(tmp_path):
+    """The transformers VITS layout (as MMS-TTS or a converted LJSpeech VITS), at 8 kHz."""
+    import torch
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    chars = list(" abcdefghijklmnopqrstuvwxyz'.,?")
+    (tmp_path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(chars)}))
+    VitsTokenizer(str(tmp_path / "vocab.json"), phonemize=False).save_pretrained(tmp_path / "vits")
+    config = VitsConfig(
+        vocab_size=len(chars), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ffn_dim=32, flow_size=16, spectrogram_bins=33, upsample_initial_channel=32,
+        upsample_rates=[4, 4], upsample_kernel_sizes=[8, 8], resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3]], prior_encoder_num_flows=1,
+        prior_encoder_num_wavenet_layers=1, posterior_encoder_num_wavenet_layers=1,
+        duration_predictor_num_flows=1, duration_predictor_filter_channels=16,
+        depth_separable_num_layers=1, sampling_rate=8000)
+    torch.manual_seed(0)
+    VitsModel(config).save_pretrained(tmp_path / "vits")
+    tts = make_backend("vits", {"model_dir": str(tmp_path / "vits")})
+    assert tts.voices() == ["default"]
+    audio = tts.synthesize("hello there.")
+    model, tokenizer = tts._model
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        native = model(**tokenizer("hello there.", return_tensors="pt")).waveform[0]
+    assert audio.dtype == np.float32 and len(audio) == 2 * len(native)  # 8 kHz -> 16 kHz
+    assert np.array_equal(audio, tts.synthesize("hello there."))  # seeded: reruns agree

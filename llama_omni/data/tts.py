@@ -202,12 +202,16 @@ class EspeakTTS(CommandTTS):
 
 class VitsTTS(TTSBackend):
     """A VITS model in the Hugging Face layout (transformers' VitsModel, e.g. MMS-TTS or a
-    converted LJSpeech VITS: config.json, weights, tokenizer files in `model_dir`)."""
+    converted LJSpeech VITS: config.json, weights, tokenizer files in `model_dir`).
+
+    VITS samples durations and prosody noise: torch is seeded with `seed` before each text,
+    so a rerun gives the same audio.
+    """
 
     name = "vits"
 
-    def __init__(self, model_dir: str, threads: int = 1):
-        self.model_dir, self.threads = model_dir, threads
+    def __init__(self, model_dir: str, threads: int = 1, seed: int = 0):
+        self.model_dir, self.threads, self.seed = model_dir, threads, seed
 
     @cached_property
     def _model(self):
@@ -228,6 +232,7 @@ class VitsTTS(TTSBackend):
         model, tokenizer = self._model
         inputs = tokenizer(text, return_tensors="pt")
         speaker = None if voice in (None, "default") else int(voice)
+        torch.manual_seed(self.seed)
         with torch.inference_mode():
             wave = model(**inputs, speaker_id=speaker).waveform[0]  # [T]
         return _checked(to_16k(wave.numpy(), model.config.sampling_rate), self.name, text)
