@@ -52,6 +52,7 @@ class Pipeline:
         self.workers = workers or config.synthesize.workers
         self.retry_failed, self.progress, self.log = retry_failed, progress, log
         self._backend = llm
+        self._tag = f"-{self.shard.tag}"  # temp files of this shard's writers (manifest.py)
 
     # -- selection -------------------------------------------------------------------------
 
@@ -75,11 +76,11 @@ class Pipeline:
                  for i in islice(kept, self.config.source.limit)]
         if not items:
             raise ValueError(f"no instruction passed the filters (rejected: {dict(rejected)})")
-        write_jsonl(items_path, items)
+        write_jsonl(items_path, items, self._tag)
         summary = {"fingerprint": self._fingerprint(), "selected": len(items),
                    "rejected": dict(rejected), "config": {"source": self.config.source.to_dict(),
                                                           "filters": self.config.filters.to_dict()}}
-        atomic_write_text(selection_path, json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(selection_path, json.dumps(summary, indent=2) + "\n", self._tag)
         return items
 
     # -- running ---------------------------------------------------------------------------
@@ -91,7 +92,7 @@ class Pipeline:
             raise ValueError(f"unknown step(s) {unknown}; steps are {list(STEP_CLASSES)}")
         self.root.mkdir(parents=True, exist_ok=True)
         with ShardLock(self.root, self.shard):
-            removed = remove_temp_files(self.root, f"-{self.shard.tag}")
+            removed = remove_temp_files(self.root, self._tag)
             if removed:
                 self.log(f"removed {removed} unfinished temp file(s) of an interrupted run")
             items = list(enumerate(self.select()))
@@ -104,7 +105,7 @@ class Pipeline:
         return self.finish()
 
     def _step(self, name: str) -> Step:
-        return STEP_CLASSES[name](self.config, self.root, f"-{self.shard.tag}", self._llm)
+        return STEP_CLASSES[name](self.config, self.root, self._tag, self._llm)
 
     def _llm(self) -> ChatBackend:
         if self._backend is None:  # one model for rewrite and respond in the same run
@@ -163,10 +164,10 @@ class Pipeline:
         items = list(read_jsonl(self.root / ITEMS_NAME))
         records = {name: read_step(self.root, name) for name in STEPS}
         manifest = list(assemble(items, records))
-        write_jsonl(self.root / MANIFEST_NAME, manifest)
+        write_jsonl(self.root / MANIFEST_NAME, manifest, self._tag)
         selection = json.loads((self.root / SELECTION_NAME).read_text())
         report = summarize(items, records, manifest, selection)
-        atomic_write_text(self.root / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(self.root / REPORT_NAME, json.dumps(report, indent=2) + "\n", self._tag)
         return report
 
 
