@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from inference_fixtures import one_thread, tone  # noqa: F401
+from inference_fixtures import one_thread_fixture, tone  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
 from llama_omni.cli.main import app
@@ -18,8 +18,14 @@ from llama_omni.model.omni import OmniConfig, OmniModel
 from llama_omni.model.vocoder import UnitVocoder, VocoderConfig, save_vocoder
 
 JSON_KEYS = {
-    "text", "text_token_ids", "units", "first_text_ms", "first_audio_ms", "total_ms",
-    "lagging_words", "audio_seconds",
+    "text",
+    "text_token_ids",
+    "units",
+    "first_text_ms",
+    "first_audio_ms",
+    "total_ms",
+    "lagging_words",
+    "audio_seconds",
 }
 
 
@@ -47,8 +53,20 @@ def flat(text: str) -> str:
 def test_chat_writes_the_reply_and_reports_json(saved, tmp_path):
     ckpt, vocoder, question = saved
     out = tmp_path / "reply.wav"
-    result = run(question, "--model", ckpt, "--vocoder", vocoder, "--out", out, "--json",
-                 "--max-new-tokens", "16", "--chunk-size", "5")
+    result = run(
+        question,
+        "--model",
+        ckpt,
+        "--vocoder",
+        vocoder,
+        "--out",
+        out,
+        "--json",
+        "--max-new-tokens",
+        "16",
+        "--chunk-size",
+        "5",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert JSON_KEYS <= set(report)
@@ -65,9 +83,12 @@ def test_chat_without_a_matching_vocoder_prints_text_units_and_why(saved, tmp_pa
     assert "units (" in result.stdout and "no audio: no vocoder was given" in result.stdout
     assert not (tmp_path / "a.wav").exists()
     torch.manual_seed(0)
-    save_vocoder(UnitVocoder(VocoderConfig.preset("tiny-test").replace(num_units=16)), tmp_path / "v16")
-    result = run(question, "--model", ckpt, "--vocoder", tmp_path / "v16", "--json",
-                 "--max-new-tokens", "6")
+    save_vocoder(
+        UnitVocoder(VocoderConfig.preset("tiny-test").replace(num_units=16)), tmp_path / "v16"
+    )
+    result = run(
+        question, "--model", ckpt, "--vocoder", tmp_path / "v16", "--json", "--max-new-tokens", "6"
+    )
     report = json.loads(result.stdout)
     assert report["units"] and report["audio_seconds"] == 0
     assert "reads 16 unit ids" in report["no_audio_reason"]
@@ -77,8 +98,19 @@ def test_chat_interactive_keeps_the_conversation(saved, tmp_path):
     ckpt, vocoder, question = saved
     out = tmp_path / "turn.wav"
     lines = f"{question}\n{tmp_path / 'missing.wav'}\n{question}\n"
-    result = run("--interactive", "--model", ckpt, "--vocoder", vocoder, "--out", out,
-                 "--json", "--max-new-tokens", "6", input=lines)
+    result = run(
+        "--interactive",
+        "--model",
+        ckpt,
+        "--vocoder",
+        vocoder,
+        "--out",
+        out,
+        "--json",
+        "--max-new-tokens",
+        "6",
+        input=lines,
+    )
     assert result.exit_code == 0, result.output
     reports = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(reports) == 2 and "audio file not found" in result.stderr
@@ -90,8 +122,18 @@ def test_chat_reads_other_rates_and_channel_counts(saved, tmp_path):
     ckpt, vocoder, _ = saved
     stereo_8k = np.stack([tone(1.0, 220)[::2], tone(1.0, 330)[::2]], axis=1)  # [T, 2]
     sf.write(tmp_path / "stereo8k.wav", stereo_8k, 8000)
-    result = run(tmp_path / "stereo8k.wav", "--model", ckpt, "--vocoder", vocoder, "--json",
-                 "--max-new-tokens", "4", "--out", tmp_path / "r.wav")
+    result = run(
+        tmp_path / "stereo8k.wav",
+        "--model",
+        ckpt,
+        "--vocoder",
+        vocoder,
+        "--json",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        tmp_path / "r.wav",
+    )
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["text_token_ids"]) == 4
 
@@ -120,8 +162,12 @@ def test_chat_refuses_bad_audio_with_a_clear_message(saved, tmp_path, name, cont
 
 def test_chat_validates_its_options(saved):
     ckpt, _, question = saved
-    for args, hint in [(["--chunk-size", "zero"], "'inf'"), (["--top-p", "0"], "top_p"),
-                       (["--max-new-tokens", "0"], ">= 1"), ([], None)]:
+    for args, hint in [
+        (["--chunk-size", "zero"], "'inf'"),
+        (["--top-p", "0"], "top_p"),
+        (["--max-new-tokens", "0"], ">= 1"),
+        ([], None),
+    ]:
         target = [question] if hint else []
         result = run(*target, "--model", ckpt, *args)
         assert result.exit_code == 2

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from inference_fixtures import engine, one_thread, tiny_vocoder, tone, with_stop_ids  # noqa: F401
+from inference_fixtures import (  # noqa: F401 (fixtures)
+    engine,
+    one_thread_fixture,
+    tiny_omni_fixture,
+    tiny_vocoder_fixture,
+    tone,
+    with_stop_ids,
+)
 
 from llama_omni.audio import AudioError
 from llama_omni.inference.events import AudioChunk, End, TextDelta, Units, collect
@@ -37,16 +44,17 @@ def naive_greedy(model, prompt, speech, max_new_tokens):
     return ids, units
 
 
-def test_streaming_equals_offline_for_every_chunk_size(tiny_model, tiny_vocoder):
+def test_streaming_equals_offline_for_every_chunk_size(tiny_omni, tiny_vocoder):
     audio = tone(1.0, 220)
     answers = {
-        omega: engine(tiny_model, tiny_vocoder, chunk_size=omega, max_new_tokens=30)
-        .answer([audio])[0]
+        omega: engine(tiny_omni, tiny_vocoder, chunk_size=omega, max_new_tokens=30).answer([audio])[
+            0
+        ]
         for omega in (10, 40, None)
     }
     reference = answers[None]
     assert len(reference.token_ids) == 30 and len(reference.units) > 30
-    assert reference.units == offline_units(tiny_model, audio, reference.token_ids)
+    assert reference.units == offline_units(tiny_omni, audio, reference.token_ids)
     whole = tiny_vocoder.vocode(reference.units)
     for omega, answer in answers.items():
         assert answer.token_ids == reference.token_ids, omega
@@ -60,14 +68,14 @@ def first_unique_token(answers, i, start) -> int:
     return next(k for k in range(start, 11) if answers[i].token_ids[k] not in others)
 
 
-def test_batch_equals_one_request_at_a_time_with_per_request_stop(tiny_model, tiny_vocoder):
+def test_batch_equals_one_request_at_a_time_with_per_request_stop(tiny_omni, tiny_vocoder):
     audios = [tone(1.0, 220), tone(0.6, 440, seed=1), tone(1.3, 330, seed=2)]
-    alone = [engine(tiny_model, tiny_vocoder).answer([a])[0] for a in audios]
+    alone = [engine(tiny_omni, tiny_vocoder).answer([a])[0] for a in audios]
     assert len({tuple(a.token_ids) for a in alone}) == 3, "the requests should differ"
     # Make requests 0 and 1 stop at different steps, on tokens the other requests avoid.
     at1 = first_unique_token(alone, 1, start=2)
     at0 = first_unique_token(alone, 0, start=at1 + 1)
-    model = with_stop_ids(tiny_model, (alone[0].token_ids[at0], alone[1].token_ids[at1]))
+    model = with_stop_ids(tiny_omni, (alone[0].token_ids[at0], alone[1].token_ids[at1]))
     alone = [engine(model, tiny_vocoder).answer([a])[0] for a in audios]
     batch = engine(model, tiny_vocoder).answer(audios)
     assert [len(a.token_ids) for a in alone] == [at0 + 1, at1 + 1, 12]
@@ -79,39 +87,42 @@ def test_batch_equals_one_request_at_a_time_with_per_request_stop(tiny_model, ti
         np.testing.assert_allclose(batched.audio, single.audio, atol=1e-4)
 
 
-def test_decoding_loop_equals_naive_full_recompute(tiny_model):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_decoding_loop_equals_naive_full_recompute(tiny_omni, overlap):
     audio = tone(0.8, 300)
-    answer = engine(tiny_model, max_new_tokens=10).answer([audio])[0]
-    speech = tiny_model.encode_speech([audio])
-    ids, units = naive_greedy(tiny_model, tiny_model.prompt_ids([Turn.user()]), speech, 10)
+    answer = engine(tiny_omni, max_new_tokens=10, overlap=overlap).answer([audio])[0]
+    speech = tiny_omni.encode_speech([audio])
+    ids, units = naive_greedy(tiny_omni, tiny_omni.prompt_ids([Turn.user()]), speech, 10)
     assert answer.token_ids == ids
     assert answer.units == units
 
 
-def test_incremental_speech_decoder_equals_recompute_in_the_engine(tiny_model):
+def test_incremental_speech_decoder_equals_recompute_in_the_engine(tiny_omni):
     audio = tone(1.0, 250)
     runs = {}
     for mode in ("incremental", "recompute"):
-        events = list(engine(tiny_model, decoder_mode=mode).stream([audio]))
+        events = list(engine(tiny_omni, decoder_mode=mode).stream([audio]))
         runs[mode] = [e.units for e in events if isinstance(e, Units)]
     assert runs["incremental"] == runs["recompute"]
     assert sum(len(u) for u in runs["incremental"]) > 10
 
 
-def test_sampling_is_reproducible_with_a_seed(tiny_model):
+def test_sampling_is_reproducible_with_a_seed(tiny_omni):
     audio = tone(1.0, 220)
 
     def sample(seed, **kw):
-        options = SamplingOptions(temperature=kw.get("temperature", 1.0), top_p=kw.get("top_p", 0.9), seed=seed)
-        return engine(tiny_model, sampling=options, speech=False).answer([audio])[0].token_ids
+        options = SamplingOptions(
+            temperature=kw.get("temperature", 1.0), top_p=kw.get("top_p", 0.9), seed=seed
+        )
+        return engine(tiny_omni, sampling=options, speech=False).answer([audio])[0].token_ids
 
     assert sample(3) == sample(3)
     assert sample(3) != sample(4)
-    greedy = engine(tiny_model, speech=False).answer([audio])[0].token_ids
+    greedy = engine(tiny_omni, speech=False).answer([audio])[0].token_ids
     assert sample(5, top_p=1e-6) == greedy  # the nucleus keeps only the best token
     # A request samples the same tokens alone and inside a batch (one generator each).
     options = SamplingOptions(temperature=1.0, top_p=0.9, seed=3)
-    batch = engine(tiny_model, sampling=options, speech=False).answer([audio, tone(0.5, 500)])
+    batch = engine(tiny_omni, sampling=options, speech=False).answer([audio, tone(0.5, 500)])
     assert batch[0].token_ids == sample(3)
 
 
@@ -127,9 +138,9 @@ def test_top_p_filter_and_selector_validation():
     assert TokenSelector(SamplingOptions(), 1, "cpu")(logits).tolist() == [0]
 
 
-def test_events_are_typed_ordered_and_stamped(tiny_model, tiny_vocoder):
+def test_events_are_typed_ordered_and_stamped(tiny_omni, tiny_vocoder):
     audios = [tone(1.0, 220), tone(0.6, 440, seed=1)]
-    events = list(engine(tiny_model, tiny_vocoder, chunk_size=5, max_new_tokens=20).stream(audios))
+    events = list(engine(tiny_omni, tiny_vocoder, chunk_size=5, max_new_tokens=20).stream(audios))
     stamps = [e.ms for e in events]
     assert stamps == sorted(stamps) and stamps[0] > 0
     for request in range(2):
@@ -147,29 +158,29 @@ def test_events_are_typed_ordered_and_stamped(tiny_model, tiny_vocoder):
     assert answer.lagging_words is not None and answer.audio_seconds > 0
 
 
-def test_text_only_and_units_without_vocoder(tiny_model):
+def test_text_only_and_units_without_vocoder(tiny_omni):
     audio = tone(1.0, 220)
-    text_only = engine(tiny_model, speech=False).answer([audio])[0]
-    units_only = engine(tiny_model).answer([audio])[0]
+    text_only = engine(tiny_omni, speech=False).answer([audio])[0]
+    units_only = engine(tiny_omni).answer([audio])[0]
     assert text_only.token_ids == units_only.token_ids
     assert text_only.units == [] and units_only.units and not units_only.chunks
 
 
-def test_conversation_equals_the_full_prompt_built_from_scratch(tiny_model):
+def test_conversation_equals_the_full_prompt_built_from_scratch(tiny_omni):
     first, second = tone(0.8, 220), tone(0.6, 440, seed=1)
-    conversation = Conversation(engine(tiny_model))
+    conversation = Conversation(engine(tiny_omni))
     answers = [collect(conversation.ask(a), 1)[0] for a in (first, second)]
-    speech = tiny_model.encode_speech([first, second])
+    speech = tiny_omni.encode_speech([first, second])
     turns = [Turn.user(), Turn.assistant(conversation.exchanges[0].answer), Turn.user()]
-    prompt = tiny_model.prompt_ids(turns)
-    ids, units = naive_greedy(tiny_model, prompt, speech, 12)
+    prompt = tiny_omni.prompt_ids(turns)
+    ids, units = naive_greedy(tiny_omni, prompt, speech, 12)
     assert answers[1].token_ids == ids
     assert answers[1].units == units
     assert answers[1].token_ids != answers[0].token_ids
 
 
-def test_conversation_drops_the_oldest_turns_at_the_context_limit(tiny_model):
-    eng = engine(tiny_model, max_new_tokens=6, speech=False)
+def test_conversation_drops_the_oldest_turns_at_the_context_limit(tiny_omni):
+    eng = engine(tiny_omni, max_new_tokens=6, speech=False)
     conversation = Conversation(eng)
     for hz in (220, 330):
         collect(conversation.ask(tone(0.5, hz)), 1)
@@ -183,15 +194,15 @@ def test_conversation_drops_the_oldest_turns_at_the_context_limit(tiny_model):
     conversation.max_context = prompt_length(ids, segments) + 6
     collect(conversation.ask(third), 1)
     assert [e.uid for e in conversation.exchanges] == [second.uid, 2]
-    expected, _ = naive_greedy(tiny_model, ids, segments, 6)
-    answer = tiny_model.llm.tokenizer.decode(expected, skip_special_tokens=True)
+    expected, _ = naive_greedy(tiny_omni, ids, segments, 6)
+    answer = tiny_omni.llm.tokenizer.decode(expected, skip_special_tokens=True)
     assert conversation.exchanges[-1].answer == answer
     with pytest.raises(ValueError, match="context limit"):
         collect(Conversation(eng, max_context=20).ask(third), 1)
 
 
-def test_bad_audio_is_refused_with_clear_messages(tiny_model):
-    eng = engine(tiny_model)
+def test_bad_audio_is_refused_with_clear_messages(tiny_omni):
+    eng = engine(tiny_omni)
     with pytest.raises(AudioError, match="is empty"):
         eng.encode([np.zeros(0, np.float32)])
     with pytest.raises(AudioError, match="at most 30 s"):

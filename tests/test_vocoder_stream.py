@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from inference_fixtures import one_thread  # noqa: F401
+from inference_fixtures import one_thread_fixture, tiny_omni_fixture  # noqa: F401 (fixtures)
 
 from llama_omni.inference.events import AudioChunk, Clock, Units
 from llama_omni.inference.speech_path import SpeechPath
@@ -43,19 +43,26 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_seamless_equals_whole_utterance_when_context_covers_the_receptive_field(sensitive_vocoder):
     whole = sensitive_vocoder.vocode(UNITS)
-    wide = chunked(sensitive_vocoder, VocoderStreamOptions(left_context_frames=64, lookahead_frames=32))
+    wide = chunked(
+        sensitive_vocoder, VocoderStreamOptions(left_context_frames=64, lookahead_frames=32)
+    )
     np.testing.assert_allclose(wide, whole, atol=1e-5)
 
 
 def test_default_seamless_is_close_to_whole_and_far_better_than_no_context(sensitive_vocoder):
     whole = sensitive_vocoder.vocode(UNITS)
     default = chunked(sensitive_vocoder, VocoderStreamOptions())
-    bare = chunked(sensitive_vocoder, VocoderStreamOptions(left_context_frames=0, lookahead_frames=0, crossfade_frames=0))
+    bare = chunked(
+        sensitive_vocoder,
+        VocoderStreamOptions(left_context_frames=0, lookahead_frames=0, crossfade_frames=0),
+    )
     assert default.shape == bare.shape == whole.shape  # durations are fixed as in one shot
     assert relative_error(default, whole) < 0.01
     assert relative_error(bare, whole) > 0.1  # what the context removes: seams
     for chunk in (3, 25):  # any chunking gives the same durations and nearly the same wave
-        assert relative_error(chunked(sensitive_vocoder, VocoderStreamOptions(), chunk), whole) < 0.05
+        assert (
+            relative_error(chunked(sensitive_vocoder, VocoderStreamOptions(), chunk), whole) < 0.05
+        )
 
 
 def test_durations_are_fixed_with_full_context(sensitive_vocoder):
@@ -71,7 +78,9 @@ def test_durations_are_fixed_with_full_context(sensitive_vocoder):
 
 def test_independent_mode_vocodes_each_chunk_alone(sensitive_vocoder):
     out = chunked(sensitive_vocoder, VocoderStreamOptions(mode="independent"), chunk=20)
-    expected = np.concatenate([sensitive_vocoder.vocode(UNITS[i : i + 20]) for i in range(0, 60, 20)])
+    expected = np.concatenate(
+        [sensitive_vocoder.vocode(UNITS[i : i + 20]) for i in range(0, 60, 20)]
+    )
     np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
@@ -96,14 +105,16 @@ class RecordingVocoder(StreamingModule[list]):
 
 
 @pytest.mark.parametrize("cut_at_word_ends", [False, True])
-def test_chunks_are_cut_at_omega_or_at_word_ends(tiny_model, cut_at_word_ends):
-    decoder = tiny_model.speech_decoder
+def test_chunks_are_cut_at_omega_or_at_word_ends(tiny_omni, cut_at_word_ends):
+    decoder = tiny_omni.speech_decoder
     recorder = RecordingVocoder()
     word_starts = [t % 3 == 0 for t in range(20)]  # a word every 3 tokens
     torch.manual_seed(0)
     states = torch.randn(20, 1, decoder.config.input_width)  # [M, B, D]
     events, bounds = [], []  # bounds: unit count before each word-starting token
-    path = SpeechPath(decoder, recorder, 1, Clock(), chunk_size=5, cut_at_word_ends=cut_at_word_ends)
+    path = SpeechPath(
+        decoder, recorder, 1, Clock(), chunk_size=5, cut_at_word_ends=cut_at_word_ends
+    )
     with path:
         for t in range(20):
             if word_starts[t]:

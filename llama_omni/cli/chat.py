@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any
 
+import numpy as np
 import soundfile as sf
 import typer
 
@@ -14,27 +16,50 @@ from llama_omni.inference.events import Answer, Event, TextDelta
 
 
 def chat(
-    audio: Annotated[Path | None, typer.Argument(
-        help="Sound file with the spoken question (any rate / channel count; omit with "
-             "--interactive).")] = None,
-    model: Annotated[Path | None, typer.Option(
-        help="Checkpoint directory (ours or the published format); default: the installed "
-             "default model.")] = None,
-    vocoder: Annotated[Path | None, typer.Option(
-        help="Vocoder directory; default: the one the model's config names.")] = None,
-    out: Annotated[Path, typer.Option(
-        help="Where to write the spoken reply (wav). Interactive turns add _1, _2, ...")
+    audio: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Sound file with the spoken question (any rate / channel count; omit with "
+            "--interactive)."
+        ),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Checkpoint directory (ours or the published format); default: the installed "
+            "default model."
+        ),
+    ] = None,
+    vocoder: Annotated[
+        Path | None,
+        typer.Option(help="Vocoder directory; default: the one the model's config names."),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Where to write the spoken reply (wav). Interactive turns add _1, _2, ..."
+        ),
     ] = Path("reply.wav"),
-    chunk_size: Annotated[str, typer.Option(
-        help="Omega: new units per vocoder call, or 'inf' to vocode once at the end.")] = "40",
+    chunk_size: Annotated[
+        str,
+        typer.Option(help="Omega: new units per vocoder call, or 'inf' to vocode once at the end."),
+    ] = "40",
     temperature: Annotated[float, typer.Option(help="0 = greedy (reproducible).")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with temperature > 0).")] = 0.7,
+    top_p: Annotated[
+        float, typer.Option(help="Nucleus sampling mass (with temperature > 0).")
+    ] = 0.7,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 512,
-    as_json: Annotated[bool, typer.Option(
-        "--json", help="Print one JSON object per answer instead of streaming text.")] = False,
-    interactive: Annotated[bool, typer.Option(
-        help="Multi-turn: read one sound-file path per line from stdin (empty line or EOF ends, "
-             "/reset forgets the conversation).")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON object per answer instead of streaming text."),
+    ] = False,
+    interactive: Annotated[
+        bool,
+        typer.Option(
+            help="Multi-turn: read one sound-file path per line from stdin (an empty line or "
+            "EOF ends, /reset forgets the conversation)."
+        ),
+    ] = False,
 ) -> None:
     """Answer spoken questions: print the text as it streams and write the spoken reply.
 
@@ -51,13 +76,14 @@ def chat(
         max_new_tokens=_checked(lambda: _positive(max_new_tokens), "--max-new-tokens"),
         chunk_size=_checked(lambda: _omega(chunk_size), "--chunk-size"),
     )
+    wave = None if interactive else _read(audio)  # a bad file fails before the model loads
     omni, voice = _load(model, vocoder)
     no_audio = vocoder_mismatch(omni, voice)
     engine = Engine(omni, None if no_audio else voice, options)
     if interactive:
         _interactive(engine, out, as_json, no_audio)
         return
-    report = _turn(lambda wave: engine.stream([wave]), audio, out, as_json, no_audio)
+    report = _turn(engine.stream([wave]), out, as_json, no_audio)
     if as_json:
         typer.echo(json.dumps(report))
 
@@ -87,7 +113,7 @@ def _interactive(engine, out: Path, as_json: bool, no_audio: str | None) -> None
             continue
         target = out.with_name(f"{out.stem}_{turn}{out.suffix}")
         try:
-            report = _turn(conversation.ask, Path(line), target, as_json, no_audio)
+            report = _turn(conversation.ask(_read(Path(line))), target, as_json, no_audio)
         except typer.BadParameter as err:
             typer.echo(f"error: {err.message}", err=True)
             continue
@@ -104,15 +130,22 @@ def _lines() -> Iterator[str]:
         yield line
 
 
-def _turn(run, audio: Path, out: Path, as_json: bool, no_audio: str | None) -> dict[str, Any]:
-    """Load one question, stream its answer (printing text unless JSON), write the wav."""
+def _read(path: Path) -> np.ndarray:
     from llama_omni.audio import load_audio
 
     try:
-        wave = load_audio(audio)
-        events = run(wave)
-        first = next(events)  # encoding happens here: its errors are the input's
+        return load_audio(path)
     except (FileNotFoundError, ValueError) as err:
+        raise typer.BadParameter(str(err), param_hint="AUDIO") from err
+
+
+def _turn(
+    events: Iterator[Event], out: Path, as_json: bool, no_audio: str | None
+) -> dict[str, Any]:
+    """Stream one answer (printing the text unless JSON), write its wav, return the report."""
+    try:
+        first = next(events)  # the speech is encoded here: its errors are the input's
+    except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="AUDIO") from err
     answer = Answer()
     for event in _chain(first, events):

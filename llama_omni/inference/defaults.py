@@ -18,7 +18,9 @@ def default_model_dir() -> Path | None:
     return DEFAULT_MODEL_DIR if DEFAULT_MODEL_DIR.is_dir() else None
 
 
-def model_vocoder(model: OmniModel, model_dir: Path | None, vocoder: Path | None) -> UnitVocoder | None:
+def model_vocoder(
+    model: OmniModel, model_dir: Path | None, vocoder: Path | None
+) -> UnitVocoder | None:
     """The vocoder given, else the one the model's config names (relative to its directory).
 
     None when neither exists; a named vocoder that cannot be loaded is an error.

@@ -6,6 +6,9 @@ the whole batch, each request stopping on its own stop token or at max_new_token
 Each step's final-layer state c_i (the state that chose token i, the stop token's
 included, as in the published model) goes to the speech path at once, which turns it
 into units and, every Omega units, into audio. Everything comes out as typed events.
+By default (options.overlap) the LLM computes the next token on a helper thread while
+the speech path works on the current one, so speech adds little to the decode time
+when a second core is free.
 
 Audio length policy: an input must give at least one speech embedding (about 0.1 s)
 and last at most the encoder's context (30 s for Whisper). Longer inputs are refused
@@ -14,9 +17,10 @@ with an error rather than trimmed (the published code silently cut them at 30 s)
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Generator, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,9 +28,11 @@ import torch
 from llama_omni.audio import HOP_LENGTH, SAMPLE_RATE, AudioError
 from llama_omni.configbase import require
 from llama_omni.inference.events import Answer, Clock, End, Event, TextDelta, collect
+from llama_omni.inference.runner import StepRunner
 from llama_omni.inference.sampling import SamplingOptions, TokenSelector
 from llama_omni.inference.speech_path import DECODER_MODES, SpeechPath
 from llama_omni.inference.vocoder_stream import StreamingVocoder, VocoderStreamOptions
+from llama_omni.model.llm import LLMOutput
 from llama_omni.model.omni import OmniModel
 from llama_omni.model.prompt import Turn
 from llama_omni.model.vocoder import UnitVocoder
@@ -44,6 +50,7 @@ class EngineOptions:
     speech: bool = True  # False: text only (no speech decoder, no vocoder)
     ignore_eos: bool = False  # decode exactly max_new_tokens tokens (benchmarks)
     decoder_mode: str = "incremental"  # or "recompute" (the published per-token rerun)
+    overlap: bool = True  # next LLM step on a helper thread while the speech path runs
 
     def __post_init__(self) -> None:
         require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -186,6 +193,8 @@ class Engine:
 
         With `cache`, embeds and positions cover only the positions not cached yet and
         attention_mask covers all. Returns (as the generator's value) the Decoded state.
+        With options.overlap the LLM computes token i+1 on a helper thread while this
+        thread turns token i's state into units and audio.
         """
         llm, opts = self.model.llm, self.options
         batch = embeds.shape[0]
@@ -195,7 +204,7 @@ class Engine:
         texts = [Detokenizer(llm.tokenizer) for _ in range(batch)]
         alive = torch.ones(batch, dtype=torch.bool, device=embeds.device)  # [B]
         out = llm(embeds, attention_mask, positions, past_key_values=cache, use_cache=True)
-        with self._speech_path(batch, clock) as speech:
+        with self._speech_path(batch, clock) as speech, StepRunner(opts.overlap) as runner:
             for step in range(opts.max_new_tokens):
                 logits, states = out.logits[:, -1], out.hidden[:, -1]  # [B, V], [B, D]
                 tokens = select(logits).masked_fill(~alive, pad_id)  # [B]
@@ -208,27 +217,45 @@ class Engine:
                     delta = texts[b].add(int(tokens[b]))
                     word_starts[b] = delta[:1].isspace()
                     yield TextDelta(b, clock.ms(), delta, (int(tokens[b]),))
+                was_alive, alive = alive.tolist(), alive & ~finals
+                if alive.any():
+                    attention_mask = torch.cat(
+                        [attention_mask, attention_mask.new_ones(batch, 1)], 1
+                    )
+                    positions = positions[:, -1:] + 1  # [B, 1]
+                    following = runner.submit(self._step, tokens, attention_mask, positions, out)
                 if speech is not None:
-                    yield from speech.step(states, alive.tolist(), word_starts, finals.tolist())
+                    yield from speech.step(states, was_alive, word_starts, finals.tolist())
                 for b in finals.nonzero().flatten().tolist():
                     yield End(b, clock.ms(), "stop" if stopped[b] else "length")
-                alive &= ~finals
                 if not alive.any():
                     break
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-                positions = positions[:, -1:] + 1  # [B, 1]
-                out = llm(
-                    llm.embed_tokens(tokens[:, None]), attention_mask, positions,
-                    past_key_values=out.past_key_values, use_cache=True,
-                )
+                out = following.result()
         return Decoded([t.ids for t in texts], out.past_key_values, attention_mask)
+
+    def _step(
+        self, tokens: torch.Tensor, attention_mask, positions, previous: LLMOutput
+    ) -> LLMOutput:
+        """One cached LLM step: feed tokens [B] at positions [B, 1]."""
+        llm = self.model.llm
+        return llm(
+            llm.embed_tokens(tokens[:, None]),
+            attention_mask,
+            positions,
+            past_key_values=previous.past_key_values,
+            use_cache=True,
+        )
 
     def _speech_path(self, batch: int, clock: Clock) -> SpeechPath | nullcontext:
         opts = self.options
         if not opts.speech:
             return nullcontext(None)
         return SpeechPath(
-            self.model.speech_decoder, self.vocoder, batch, clock,
-            chunk_size=opts.chunk_size, cut_at_word_ends=opts.cut_at_word_ends,
+            self.model.speech_decoder,
+            self.vocoder,
+            batch,
+            clock,
+            chunk_size=opts.chunk_size,
+            cut_at_word_ends=opts.cut_at_word_ends,
             decoder_mode=opts.decoder_mode,
         )

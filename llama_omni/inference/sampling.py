@@ -77,9 +77,9 @@ class TokenSelector:
             raise ValueError(
                 f"the selector was built for {len(self.generators)} rows, got {logits.shape[0]}"
             )
-        scaled = top_p_filter(apply_temperature(logits, self.options.temperature), self.options.top_p)
+        scaled = top_p_filter(
+            apply_temperature(logits, self.options.temperature), self.options.top_p
+        )
         probs = scaled.softmax(dim=-1)  # [B, V]
-        picks = [
-            torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(self.generators)
-        ]
+        picks = [torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(self.generators)]
         return torch.cat(picks)  # [B]

@@ -18,8 +18,8 @@ prefilled again. A new turn that does not fit even alone is refused with an erro
 from __future__ import annotations
 
 import itertools
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Generator
 
 import numpy as np
 import torch

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Self
 
 import torch
 
@@ -89,12 +90,16 @@ class SpeechPath:
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size (Omega) must be >= 1 or None (inf), got {chunk_size}")
         self.decoder, self.vocoder, self.clock = decoder, vocoder, clock
-        self.batch_size, self.chunk_size, self.cut_at_word_ends = batch_size, chunk_size, cut_at_word_ends
+        self.batch_size, self.chunk_size, self.cut_at_word_ends = (
+            batch_size,
+            chunk_size,
+            cut_at_word_ends,
+        )
         self.decoder_mode = decoder_mode
         self.tracks = [_Track() for _ in range(batch_size)]
         self._stack = ExitStack()
 
-    def __enter__(self) -> SpeechPath:
+    def __enter__(self) -> Self:
         if self.decoder_mode == "incremental":
             self._stack.enter_context(self.decoder.streaming(self.batch_size))
             self.units_of = IncrementalUnits(self.decoder)

@@ -42,7 +42,9 @@ class VocoderStreamOptions:
     crossfade_frames: int = 2  # start of the withheld frames blended old -> new
 
     def __post_init__(self) -> None:
-        require(self.mode in VOCODER_MODES, f"vocoder mode {self.mode!r}: choose one of {VOCODER_MODES}")
+        require(
+            self.mode in VOCODER_MODES, f"vocoder mode {self.mode!r}: choose one of {VOCODER_MODES}"
+        )
         require(
             min(self.left_context_frames, self.lookahead_frames, self.crossfade_frames) >= 0,
             "left_context_frames, lookahead_frames and crossfade_frames must be >= 0",

@@ -1,0 +1,224 @@
+"""Latency benchmark of the streaming engine: prints one JSON object.
+
+    python bench/latency.py [--model DIR] [--vocoder DIR] [--audio WAV ...]
+                            [--repeats N] [--answer-tokens N] [--threads N]
+
+Model: --model, else the installed default model, else the "small" preset built untrained
+(packaged Whisper base + packaged SmolLM2-135M-Instruct + random adaptor and speech
+decoder), which is good for timing only. Vocoder: --vocoder, else the model's, else the
+packaged default voice, else a random one for the model's units. Questions: --audio
+files, else a few questions synthesized now (hibari, else espeak-ng).
+
+Every answer has the same fixed length (--answer-tokens, stop tokens ignored), so runs
+with and without speech, and with each Omega, decode the same number of tokens. All
+figures are medians over the questions x --repeats runs, in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llama_omni.audio import load_audio
+from llama_omni.inference.defaults import DEFAULT_VOCODER_DIR, default_model_dir, model_vocoder
+from llama_omni.inference.engine import Engine, EngineOptions, vocoder_mismatch
+from llama_omni.inference.events import Answer, collect
+from llama_omni.model.checkpoint import load_model
+from llama_omni.model.omni import OmniConfig, OmniModel
+from llama_omni.model.vocoder import UnitVocoder, VocoderConfig, load_vocoder
+
+OMEGAS = {"10": 10, "20": 20, "40": 40, "60": 60, "100": 100, "inf": None}
+DECODER_LENGTHS = (20, 100, 400)
+QUESTIONS = (
+    "What is the capital of France?",
+    "How do I make a good cup of tea?",
+    "Can you tell me a fun fact about the ocean?",
+)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, model_label, model_dir = load_system_model(args.model)
+    vocoder, vocoder_label = load_system_vocoder(model, model_dir, args.vocoder)
+    audios = [load_audio(p) for p in args.audio] if args.audio else synthesize(QUESTIONS)
+    runs = run_all(model, vocoder, audios, args.repeats, args.answer_tokens)
+    report = {
+        "model": model_label,
+        "vocoder": vocoder_label,
+        "questions": len(audios),
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "answer_tokens": args.answer_tokens,
+        "fixed_length": "stop tokens ignored: every answer has answer_tokens tokens",
+        **summarize(runs),
+        **decoder_steps(model, args.repeats),
+    }
+    print(json.dumps(report, indent=2))
+
+
+def run_all(model, vocoder, audios, repeats: int, tokens: int) -> dict[str, list[Answer]]:
+    """Answers per configuration: "text" (no speech) and each Omega of OMEGAS."""
+    configs = {"text": {"speech": False}, **{k: {"chunk_size": o} for k, o in OMEGAS.items()}}
+    engines = {
+        key: Engine(
+            model, vocoder, EngineOptions(max_new_tokens=tokens, ignore_eos=True, **options)
+        )
+        for key, options in configs.items()
+    }
+    for audio in audios:  # warm-up: first calls allocate and tune kernels
+        collect(engines["40"].stream([audio]), 1)
+    # Interleaved, so a change in machine load hits every configuration alike.
+    runs: dict[str, list[Answer]] = {key: [] for key in configs}
+    for _ in range(repeats):
+        for audio in audios:
+            for key, engine in engines.items():
+                runs[key].append(collect(engine.stream([audio]), 1)[0])
+    return runs
+
+
+def summarize(runs: dict[str, list[Answer]]) -> dict:
+    text_only, text_speech = runs["text"], runs["40"]
+    text_ms, speech_ms = (
+        median(a.total_ms for a in text_only),
+        median(a.total_ms for a in text_speech),
+    )
+    return {
+        "units_per_token": median(len(a.units) / len(a.token_ids) for a in text_speech),
+        "first_text_ms": median(a.first_text_ms for a in text_only + text_speech),
+        "first_audio_ms": {k: median(a.first_audio_ms for a in runs[k]) for k in OMEGAS},
+        "lagging_words": {k: median(a.lagging_words for a in runs[k]) for k in OMEGAS},
+        "text_only_ms": text_ms,
+        "text_speech_ms": speech_ms,  # with Omega 40
+        "speech_overhead_ratio": speech_ms / text_ms,
+        "llm_tokens_per_s": median(
+            (len(a.token_ids) - 1) * 1000 / (a.total_ms - a.first_text_ms) for a in text_only
+        ),
+        "real_time_factor": median(a.total_ms / 1000 / a.audio_seconds for a in text_speech),
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, help="checkpoint directory")
+    parser.add_argument("--vocoder", type=Path, help="vocoder directory")
+    parser.add_argument("--audio", type=Path, nargs="*", help="spoken questions (sound files)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per question")
+    parser.add_argument("--answer-tokens", type=int, default=64, help="tokens per answer")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per Python thread (the engine adds one helper thread)",
+    )
+    args = parser.parse_args()
+    if args.repeats < 1 or args.answer_tokens < 2 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1, --answer-tokens >= 2")
+    return args
+
+
+def load_system_model(path: Path | None) -> tuple[OmniModel, str, Path | None]:
+    path = path or default_model_dir()
+    if path is not None:
+        return load_model(path).eval(), str(path), path
+    model = OmniModel.initialize(OmniConfig.preset("small")).eval()
+    return model, "small (untrained adaptor/decoder: timing only)", None
+
+
+def load_system_vocoder(model: OmniModel, model_dir: Path | None, path: Path | None):
+    vocoder = model_vocoder(model, model_dir, path)
+    if vocoder is None and DEFAULT_VOCODER_DIR.is_dir():
+        vocoder, path = load_vocoder(DEFAULT_VOCODER_DIR), DEFAULT_VOCODER_DIR
+    if vocoder is not None:
+        problem = vocoder_mismatch(model, vocoder)
+        if problem is not None:
+            sys.exit(f"bench/latency.py: {problem}")
+        return vocoder, str(path or model.config.vocoder_source)
+    try:
+        config, name = VocoderConfig.preset("istft-256"), "istft-256"  # the default voice's size
+    except ValueError:
+        config, name = VocoderConfig(), "codehifigan-1000"
+    units = model.config.speech_decoder.unit_vocab
+    vocoder = UnitVocoder(config.replace(num_units=units)).eval()
+    return vocoder, f"random {name} with {units} units (timing only)"
+
+
+def synthesize(texts: tuple[str, ...]) -> list[np.ndarray]:
+    """Spoken questions at 16 kHz: the packaged hibari voice, else espeak-ng."""
+    try:
+        from llama_omni.data.tts import HibariTTS, TTSError
+
+        tts = HibariTTS()
+        return [tts.synthesize(t) for t in texts]
+    except (ImportError, TTSError) as err:
+        print(f"hibari unavailable ({err}); using espeak-ng", file=sys.stderr)
+    waves = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, text in enumerate(texts):
+            path = Path(tmp) / f"q{i}.wav"
+            subprocess.run(["espeak-ng", "-w", str(path), text], check=True)
+            waves.append(load_audio(path))
+    return waves
+
+
+def decoder_steps(model: OmniModel, repeats: int) -> dict:
+    steps = decoder_step_ms(model, repeats)
+    ratio = steps["incremental"]["400"] / steps["incremental"]["20"]
+    return {"decoder_step_ms": steps, "decoder_step_ratio_400_20": ratio}
+
+
+@torch.inference_mode()
+def decoder_step_ms(model: OmniModel, repeats: int) -> dict[str, dict[str, float]]:
+    """ms per new token of the speech decoder at answer lengths DECODER_LENGTHS.
+
+    incremental: the step adding token n to a KV cache over n-1 tokens (median over
+    tokens n-2..n+2 and the repeats); recompute: one pass over all n tokens, as the
+    published code runs at every token.
+    """
+    decoder = model.speech_decoder
+    longest = max(DECODER_LENGTHS) + 2
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(1, longest, decoder.config.input_width, generator=generator)  # [1, M, D]
+    states = states.to(model.device, model.dtype)
+    per_step: list[list[float]] = [[] for _ in range(longest)]
+    for _ in range(repeats):
+        with decoder.streaming(1):
+            for i in range(longest):
+                start = time.perf_counter()
+                log_probs, _ = decoder(states[:, i : i + 1])
+                decoder.greedy_units(log_probs)
+                per_step[i].append((time.perf_counter() - start) * 1000)
+    incremental, recompute = {}, {}
+    for n in DECODER_LENGTHS:
+        incremental[str(n)] = median(t for i in range(n - 3, n + 2) for t in per_step[i])
+        recompute[str(n)] = median(
+            _timed(decoder.predict_units, states[:, :n]) for _ in range(repeats)
+        )
+    return {"incremental": incremental, "recompute": recompute}
+
+
+def _timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - start) * 1000
+
+
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 3) if values else None
+
+
+if __name__ == "__main__":
+    main()
