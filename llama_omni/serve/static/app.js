@@ -169,7 +169,7 @@ class Chat {
     button.textContent = '● Record';
     button.classList.remove('recording');
     if (!$('handsfree').checked) {
-      this.newTurn(`🎤 recording (${((performance.now() - this.recordStart) / 1000).toFixed(1)} s)`);
+      this.newTurn(`microphone (${((performance.now() - this.recordStart) / 1000).toFixed(1)} s)`);
       this.send({ type: 'input_audio_buffer.commit' });
       this.send({ type: 'response.create' });
     }
@@ -193,7 +193,7 @@ class Chat {
         this.status('listening…', 'ok');
         break;
       case 'input_audio_buffer.speech_stopped':
-        this.newTurn(`🎤 spoken turn (${((event.audio_end_ms) / 1000).toFixed(1)} s into the stream)`);
+        this.newTurn(`spoken turn (${((event.audio_end_ms) / 1000).toFixed(1)} s into the stream)`);
         this.status('connected', 'ok');
         break;
       case 'output_audio_buffer.cleared':
@@ -247,7 +247,7 @@ async function loadExamples(chat) {
     button.textContent = `▶ ${example.text}`;
     button.onclick = async () => {
       const samples = await decodeFile(await (await fetch(example.url)).arrayBuffer());
-      chat.ask(samples, `example: “${example.text}”`);
+      chat.ask(samples, `example: "${example.text}"`);
     };
     $('examples').append(button);
   }
