@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -55,16 +57,40 @@ class Transcriber:
         segments, _ = self._model.transcribe(np.asarray(audio, dtype=np.float32), language="en",
                                              beam_size=1, temperature=0.0,
                                              condition_on_previous_text=False,
+                                             without_timestamps=True, max_new_tokens=128,
                                              vad_filter=False)
         return " ".join(s.text.strip() for s in segments)
 
 
 def dnsmos(audio: np.ndarray, sample_rate: int = 16000) -> dict[str, float]:
     """DNSMOS P.835 (sig, bak, ovrl) and P.808 scores of one 16 kHz utterance."""
+    audio = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+    scores = _dnsmos_scorer()(audio, sample_rate, False)
+    return {k: float(scores[k]) for k in ("ovrl_mos", "sig_mos", "bak_mos", "p808_mos")}
+
+
+@functools.lru_cache(maxsize=1)
+def _dnsmos_scorer():
+    """speechmos's DNSMOS scorer with single-threaded, non-spinning ONNX sessions.
+
+    Its own sessions use every core with spin-waiting threads, which on a shared CPU is
+    many times slower than one thread.
+    """
     try:
-        from speechmos import dnsmos as _dnsmos
+        import onnxruntime as ort
+        from speechmos import dnsmos as speechmos_dnsmos
     except ImportError:
         raise ImportError("DNSMOS needs speechmos: `pip install speechmos==0.0.1.1 librosa`") from None
-    audio = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
-    scores = _dnsmos.run(audio, sr=sample_rate)
-    return {k: float(scores[k]) for k in ("ovrl_mos", "sig_mos", "bak_mos", "p808_mos")}
+    models = Path(speechmos_dnsmos.__file__).parent / "dnsmos_models"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+
+    def session(name: str):
+        return ort.InferenceSession(str(models / name), options,
+                                    providers=["CPUExecutionProvider"])
+
+    scorer = speechmos_dnsmos.DNSMOS(str(models / "sig_bak_ovr.onnx"), str(models / "model_v8.onnx"))
+    scorer.onnx_sess, scorer.p808_onnx_sess = session("sig_bak_ovr.onnx"), session("model_v8.onnx")
+    return scorer
