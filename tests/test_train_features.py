@@ -79,3 +79,14 @@ def test_stage2_states_cached_and_keyed_by_llm(tmp_path, tiny_llm_dir, monkeypat
     with torch.no_grad():
         model.llm.model.model.norm.weight.mul_(1.5)
     assert states_namespace(model, "features-x", torch.float32) != namespace
+
+
+def test_shards_cover_everything_in_any_order(tmp_path, tiny_model):
+    """Processes split the full list, so a late process still does its own share."""
+    audio = [(f"i{n}", write_wav(tmp_path / f"{n}.wav", 0.3, n)) for n in range(6)]
+    cache = TensorCache(tmp_path / "cache", "ns")
+    for rank in (1, 0):  # process 1 finishes before process 0 looks at the cache
+        keys = cache_encoder_features(tiny_model.encoder, tiny_model.config.encoder, audio, cache,
+                                      batch_size=4, dtype=torch.float32, shard=(rank, 2),
+                                      progress=False)
+    assert all(cache.has(key) for key in keys.values())

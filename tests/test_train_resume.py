@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from llama_omni.cli.main import app
 
 from llama_omni.train.checkpoints import checkpoint_dirs
+from llama_omni.train.export import export_run
 from llama_omni.train.run import train
 from train_helpers import one_thread, save_small_vocab_llm, tiny_config, write_manifest  # noqa: F401
 
@@ -29,16 +30,16 @@ def small_llm_dir(tmp_path_factory):
     return save_small_vocab_llm(tmp_path_factory.mktemp("small-llm"))
 
 
-def final_tensors(run: Path) -> dict[str, torch.Tensor]:
+def final_tensors(run: Path, final: str = "final") -> dict[str, torch.Tensor]:
     """Every weight of the exported model (adaptor, decoder, and the LLM when embedded)."""
-    tensors = {f"omni.{k}": v for k, v in load_file(run / "final/model.safetensors").items()}
-    for shard in sorted((run / "final/llm").glob("*.safetensors")):
+    tensors = {f"omni.{k}": v for k, v in load_file(run / final / "model.safetensors").items()}
+    for shard in sorted((run / final / "llm").glob("*.safetensors")):
         tensors.update({f"llm.{k}": v for k, v in load_file(shard).items()})
     return tensors
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
-    ta, tb = final_tensors(a), final_tensors(b)
+def assert_same_weights(a: Path, b: Path, final: str = "final") -> None:
+    ta, tb = final_tensors(a), final_tensors(b, final)
     assert ta.keys() == tb.keys() and ta
     for name in ta:
         torch.testing.assert_close(ta[name], tb[name], atol=1e-6, rtol=0, msg=name)
@@ -114,3 +115,5 @@ def test_resume_from_a_checkpoint_equals_uninterrupted(tmp_path, small_llm_dir, 
     losses = [[e["loss"] for e in logged_steps(r) if "loss" in e and e["step"] > 4]
               for r in (Path(straight.output_dir), run)]
     assert losses[0] == losses[1]
+    exported = export_run(run, tmp_path / "exported")  # `llama-omni train export`: the latest
+    assert_same_weights(run, exported.parent, final=exported.name)

@@ -111,12 +111,13 @@ def cache_encoder_features(
     """
     keys = {path: file_digest(path) for _, path in tqdm(
         audio, desc="hashing audio", unit="file", disable=not progress, leave=False)}
-    todo: dict[str, tuple[str, Path]] = {}
+    unique: dict[str, tuple[str, Path]] = {}
     for item_id, path in audio:
-        if not cache.has(keys[path]):
-            todo.setdefault(keys[path], (item_id, path))
+        unique.setdefault(keys[path], (item_id, path))
     rank, world = shard
-    mine = sorted(todo.items())[rank::world]
+    # Split the full list, not the missing part: every process must agree on the split
+    # even while the others are already writing their entries.
+    mine = [(k, v) for k, v in sorted(unique.items())[rank::world] if not cache.has(k)]
     mine.sort(key=lambda entry: entry[1][1].stat().st_size)  # similar lengths share a batch
     bar = tqdm(total=len(mine), desc="encoding speech", unit="file", disable=not progress)
     for start in range(0, len(mine), batch_size):

@@ -138,8 +138,7 @@ def _resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
 def load_for_heldout(checkpoint: str | Path | None, config: Any) -> OmniModel:
     """A checkpoint directory, or (None) the run's starting model: the "before" of stage 1."""
     from llama_omni.model.checkpoint import load_model
-    from llama_omni.train.model_setup import build_model
+    from llama_omni.train.model_setup import prepare_model
 
-    torch.manual_seed(config.seed)
-    model = load_model(checkpoint) if checkpoint is not None else build_model(config.model)
+    model = load_model(checkpoint) if checkpoint is not None else prepare_model(config)
     return model.eval()

@@ -100,7 +100,14 @@ def set_trainable(model: OmniModel, stage: str, tuning: str = "full") -> list[st
 
 
 def prepare_model(config: TrainConfig, device: torch.device | str | None = None) -> OmniModel:
-    """The run's starting model, with LoRA (if any) and its trainable parameters set."""
+    """The run's starting model, with LoRA (if any) and its trainable parameters set.
+
+    Seeded, so fresh parts (adaptor, decoder, a random test encoder) come out the same in
+    every process and every rerun: a resumed run and an export rebuild the same model.
+    """
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)
     model = build_model(config.model, device=device)
     if config.stage == "stage1" and config.tuning == "lora":
         apply_lora(model, config.lora)

@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
 
 from llama_omni.model.omni import OmniModel
 from llama_omni.train.batches import (
@@ -57,7 +56,6 @@ def train(config: TrainConfig) -> Path:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config.to_yaml())
-    set_seed(config.seed)  # the fresh adaptor / decoder start identically in every (re)run
     model = prepare_model(config, device=accelerator.device)
     stage = build_stage(config, model)
     trainer = Trainer(config, accelerator, stage)
@@ -99,15 +97,15 @@ def build_stage(config: TrainConfig, model: OmniModel) -> StageData:
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    accum = accumulation_steps(config, PartialState().num_processes)
     tensorboard = config.tensorboard and importlib.util.find_spec("tensorboard") is not None
     accelerator = Accelerator(
-        gradient_accumulation_steps=accum,
         mixed_precision="bf16" if config.precision == "bf16" else "no",
         log_with="tensorboard" if tensorboard else None,
         project_dir=config.output_dir,
         step_scheduler_with_optimizer=False,
     )
+    # Known only now that the processes are counted (before prepare, as DeepSpeed needs).
+    accelerator.gradient_accumulation_steps = accumulation_steps(config, accelerator.num_processes)
     if tensorboard:
         accelerator.init_trackers("tensorboard")
     return accelerator

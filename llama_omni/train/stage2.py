@@ -84,9 +84,9 @@ def cache_answer_states(
     progress: bool = True,
 ) -> None:
     """Compute and store the states of every answer whose states are not cached yet."""
-    todo = [e for e in examples if not all(states.has(k) for k in _state_keys(e))]
     rank, world = shard
-    todo = sorted(todo, key=lambda e: e.length)[rank::world]
+    ordered = sorted(examples, key=lambda e: (e.length, e.id))  # the same split in every process
+    todo = [e for e in ordered[rank::world] if not all(states.has(k) for k in _state_keys(e))]
     collate = SpeechTextCollator(model.adaptor.config.downsample)
     data = SpeechTextDataset(todo, features)
     was_training = model.training
