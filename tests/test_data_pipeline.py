@@ -177,3 +177,18 @@ def test_kill_9_in_each_step_then_resume(tmp_path, units_model):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow  # starts a local Ray cluster
+def test_ray_executor(tmp_path):
+    ray = pytest.importorskip("ray")
+    config = _config(tmp_path, synthesize={"instruction_voices": ["flite:slt"],
+                                           "response_voice": "flite:awb", "workers": 2})
+    Pipeline(config, llm=EchoLLM(), progress=False, log=lambda _: None).run(("rewrite", "respond"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        Pipeline(config.replace(executor="ray"), progress=False, log=lambda _: None).run(
+            ("synthesize",))
+    finally:
+        ray.shutdown()
+    _check_complete(Path(config.out))
