@@ -1,0 +1,38 @@
+"""`llama-omni data ...`: help texts, shipped configs, one-line errors."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llama_omni.cli.data import data_app
+from llama_omni.data.config import DataConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / "data").glob("*.yaml"))
+
+
+def test_help_lists_the_steps():
+    result = CliRunner().invoke(data_app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("build", "rewrite", "respond", "synthesize", "units", "export",
+                    "import-published"):
+        assert command in result.output
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = DataConfig.load(path)
+    assert config.out.startswith("runs/data/") and config.source.kind == "sharegpt"
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("out: x\nsource: {kind: csv}\n")
+    with pytest.raises(ValueError, match="source.kind 'csv'"):
+        DataConfig.load(bad)
+    bad.write_text("out: x\nllm: {kind: openai}\n")
+    with pytest.raises(ValueError, match="base_url is required"):
+        DataConfig.load(bad)
+    bad.write_text("out: x\ntypo_field: 1\n")
+    with pytest.raises(ValueError, match="unknown field"):
+        DataConfig.load(bad)
