@@ -36,6 +36,11 @@ def test_stage_default_learning_rates(tmp_path):
     assert TrainConfig.load(path, ["stage=stage2"]).lr == 2e-4
 
 
+def test_missing_required_fields_are_named(tmp_path):
+    with pytest.raises(ValueError, match="output_dir"):
+        TrainConfig.load(write(tmp_path, {"stage": "stage1", "data": {"train": "d"}}))
+
+
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=fast", "OptimSpec.lr"),
     ("batch_sise=4", "unknown field"),

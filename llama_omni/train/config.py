@@ -192,7 +192,12 @@ class TrainConfig(ConfigBase):
             set_dotted(raw, key.strip(), yaml.safe_load(value) if value else None)
         for key, value in values.items():
             set_dotted(raw, key, value)
-        return cls.from_dict(raw)
+        try:
+            return cls.from_dict(raw)
+        except TypeError as err:  # a required field is missing
+            raise ValueError(
+                f"training config: {err}; every config needs stage, output_dir and data.train"
+            ) from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
