@@ -97,3 +97,17 @@ def test_duplicates_are_dropped_and_counted():
     rejected = Counter()
     kept = list(apply_filters(items, FilterConfig(), rejected))
     assert [i.id for i in kept] == ["0", "2"] and rejected == {"duplicate": 1}
+
+
+def test_the_evaluation_hold_out_never_enters_a_data_set():
+    from llama_omni.eval.sets import heldout_ids
+
+    held = next(iter(heldout_ids()))
+    items = [i for i in islice(read_sharegpt(), 20000) if i.id == held]
+    assert items, "the hold-out id is in the packaged file"
+    rejected = Counter()
+    assert list(apply_filters(items, FilterConfig(), rejected)) == []
+    assert rejected == {"eval_heldout": 1}
+    assert list(apply_filters(items, FilterConfig(exclude_eval_heldout=False, max_words=None,
+                                                  max_chars=None, drop_code=False,
+                                                  drop_math=False, english=False)))

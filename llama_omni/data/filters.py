@@ -55,6 +55,7 @@ class FilterConfig(ConfigBase):
     drop_code: bool = True
     drop_math: bool = True
     dedupe: bool = True
+    exclude_eval_heldout: bool = True  # the evaluation's ShareGPT hold-out never trains
 
     def __post_init__(self) -> None:
         require(self.min_words >= 0, f"filters.min_words must be >= 0, got {self.min_words}")
@@ -105,9 +106,13 @@ def reject_reason(text: str, config: FilterConfig) -> str | None:
 def apply_filters(items: Iterable[Instruction], config: FilterConfig,
                   rejected: Counter | None = None) -> Iterator[Instruction]:
     """Yield the items that pass; count the others by reason in `rejected`."""
+    from llama_omni.eval.sets import is_heldout  # here: eval.sets imports this module
+
     seen: set[str] = set()
     for item in items:
         reason = reject_reason(item.text, config)
+        if reason is None and config.exclude_eval_heldout and is_heldout(item):
+            reason = "eval_heldout"
         if reason is None and config.dedupe:
             key = dedupe_key(item.text)
             reason = "duplicate" if key in seen else None
