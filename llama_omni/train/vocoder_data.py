@@ -78,6 +78,8 @@ class VocoderData:
             units.append(seg)
             wav = w[start * self.hop:(start + frames) * self.hop].astype(np.float32) / 32768.0
             waves.append(np.pad(wav, (0, frames * self.hop - len(wav))))
+            # Duration targets: the utterance's first units (a prefix of frames is enough
+            # to yield max_duration_units runs; merging all of a long utterance is waste).
             merged.append(merge_repeats(u[:self.max_duration_units * 4]))
         return Batch(
             units=torch.from_numpy(np.stack(units)),

@@ -17,6 +17,7 @@ from llama_omni.audio import SAMPLE_RATE, log_mel_spectrogram
 
 FRAME_SAMPLES = 320  # 20 ms at 16 kHz: one unit step
 MAX_SECONDS = 30
+MIN_SAMPLES = 400  # shortest chunk worth encoding (25 ms, one mel window)
 
 
 class FeatureExtractor(ABC):
@@ -33,7 +34,8 @@ class FeatureExtractor(ABC):
         """Features of any length of audio, in chunks of at most 30 s."""
         step = MAX_SECONDS * SAMPLE_RATE
         chunks = [audio[i:i + step] for i in range(0, len(audio), step)]
-        return torch.cat([self(c) for c in chunks if len(c) > FRAME_SAMPLES // 2])  # [N, D]
+        chunks = [c for c in chunks if len(c) > MIN_SAMPLES] or [audio]  # drop a tiny tail
+        return torch.cat([self(c) for c in chunks])  # [N, D]
 
 
 class WhisperLayerFeatures(FeatureExtractor):
