@@ -15,7 +15,7 @@ def test_help_lists_the_steps():
     result = CliRunner().invoke(data_app, ["--help"])
     assert result.exit_code == 0
     for command in ("build", "rewrite", "respond", "synthesize", "units", "export",
-                    "import-published"):
+                    "import-published", "serve-llm"):
         assert command in result.output
 
 

@@ -99,3 +99,25 @@ def data_import_published(
 
     count = import_published(json_file, out, audio_root)
     typer.echo(f"wrote {count} items to {out / 'manifest.jsonl'}")
+
+
+@data_app.command("serve-llm")
+def data_serve_llm(
+    model: Annotated[str, typer.Option(help="HF model directory or packaged name.")] = (
+        "packaged:smollm2-135m-instruct"),
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: int = 8000,
+    threads: int = 1,
+) -> None:
+    """Serve a local model over the OpenAI chat protocol, e.g. for shards with `llm.kind: openai`."""
+    from llama_omni.data.chat_server import make_server
+    from llama_omni.data.llm_backends import TransformersChatBackend
+
+    server = make_server(TransformersChatBackend(model, 1, threads), model, host, port)
+    typer.echo(f"serving {model} at http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
