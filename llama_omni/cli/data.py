@@ -109,7 +109,7 @@ def data_serve_llm(
     port: int = 8000,
     threads: int = 1,
 ) -> None:
-    """Serve a local model over the OpenAI chat protocol, e.g. for shards with `llm.kind: openai`."""
+    """Serve a local model over the OpenAI chat protocol (for shards with `llm.kind: openai`)."""
     from llama_omni.data.chat_server import make_server
     from llama_omni.data.llm_backends import TransformersChatBackend
 
