@@ -80,7 +80,7 @@ def evaluate(
         "instruction voices": ", ".join(options.voices), "asr": asr_model.name if asr_model
         else "whisper-base (packaged, faster-whisper int8)",
         "judge": f"{judge_model} at {judge}" if judge else "none",
-        "cascade": (f"ASR -> {cascade_llm or 'the model’s LLM'} -> TTS {options.cascade_voice}, "
+        "cascade": (f"ASR -> {cascade_llm or 'its own LLM'} -> TTS {options.cascade_voice}, "
                     "spoken sentence by sentence") if options.baseline else "not run",
         "max_new_tokens": max_new_tokens, "device": f"{device} ({threads} threads)",
         "machine": f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the "
