@@ -26,6 +26,9 @@ def test_number_to_words(n, words):
     ("**Tips:**\n1. Sleep\n2. Eat", "Tips: Sleep. Eat"),
     ("See [the docs](http://x.y) or https://a.b/c", "See the docs or a link"),
     ("3.14 * 2 = 6.28", "three point one four times two equals six point two eight"),
+    ("From 2013-2014 on", "From twenty thirteen to twenty fourteen on"),
+    ("Code 12345678901234567", "Code one two three four five six seven eight nine zero one two "
+     "three four five six seven"),
 ])
 def test_normalize_for_tts(text, spoken):
     out = normalize_for_tts(text)
@@ -129,7 +132,7 @@ def test_responder_json_raw_text_fallback_and_failures():
 
 def test_fit_sentences_drops_the_cut_off_tail():
     assert fit_sentences("One two. Three four five. Six", 4) == "One two."
-    assert fit_sentences("no end at all", 10) == "no end at all"
+    assert fit_sentences("cut off by the token limit", 10) == ""
 
 
 def test_prompt_templates_render_and_validate(tmp_path):

@@ -72,7 +72,9 @@ def _digits(s: str) -> str:
 
 
 def _decimal(whole: str, frac: str | None) -> str:
-    words = number_to_words(int(whole.replace(",", "")))
+    digits = whole.replace(",", "")
+    # past a trillion nobody reads the number: codes, serials, phone numbers go digit by digit
+    words = _digits(digits) if len(digits) > 13 else number_to_words(int(digits))
     return f"{words} point {_digits(frac)}" if frac else words
 
 
@@ -138,9 +140,9 @@ def spell_numbers(text: str) -> str:
     text = _TIME_RE.sub(lambda m: f"{number_to_words(int(m.group(1)))} "
                         f"{'o clock' if m.group(2) == '00' else _minutes(int(m.group(2)))}", text)
     text = _FRACTION_RE.sub(_fraction, text)
+    text = _RANGE_RE.sub(lambda m: f"{m.group(1)} to {m.group(2)}", text)
     text = _DECADE_RE.sub(_decade, text)
     text = _YEAR_RE.sub(lambda m: year_words(int(m.group(1))), text)
-    text = _RANGE_RE.sub(lambda m: f"{m.group(1)} to {m.group(2)}", text)
     text = _NUMBER_RE.sub(
         lambda m: ("minus " if m.group(1) else "") + _decimal(m.group(2), m.group(3)), text)
     return re.sub(r"\d", lambda m: f" {_ONES[int(m.group())]} ", text)  # digits glued to letters

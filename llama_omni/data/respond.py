@@ -42,10 +42,9 @@ class RespondConfig(ConfigBase):
 def fit_sentences(text: str, max_words: int) -> str:
     """The longest run of whole sentences from the start within max_words ('' if none fits).
 
-    A trailing fragment without end punctuation (a reply cut by the token limit) is dropped,
-    unless the text has no sentence end at all.
+    A trailing fragment without end punctuation (a reply cut by the token limit) is dropped.
     """
-    sentences = re.findall(r"[^.!?]+[.!?]+", text) or [text]
+    sentences = re.findall(r"[^.!?]+[.!?]+", text)
     kept, count = [], 0
     for sentence in sentences:
         n = len(sentence.split())
