@@ -9,7 +9,7 @@ import pytest
 
 from llama_omni.data.chat_server import make_server
 from llama_omni.data.llm_backends import ChatBackend, LLMError
-from llama_omni.eval.judge import Judge, JudgeParseError, Judgement, parse_judgement
+from llama_omni.eval.judge import Judge, Judgement, JudgeParseError, parse_judgement
 
 
 @contextmanager

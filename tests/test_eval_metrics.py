@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from llama_omni.eval.metrics import (
-    ErrorCounts, StreamTimes, error_counts, error_rates, mean, normalize_english)
+    ErrorCounts,
+    StreamTimes,
+    error_counts,
+    error_rates,
+    mean,
+    normalize_english,
+)
 from llama_omni.eval.report import markdown, summarize
 from llama_omni.inference.events import AudioChunk, End, TextDelta, Units, collect
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from test_eval_judge import serving
 from typer.testing import CliRunner
 
 from llama_omni.cli.main import app
@@ -17,7 +18,6 @@ from llama_omni.eval.runner import with_llm
 from llama_omni.eval.sets import EvalItem, write_set
 from llama_omni.model.checkpoint import save_checkpoint
 from llama_omni.model.vocoder import UnitVocoder, VocoderConfig, save_vocoder
-from test_eval_judge import serving
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("speechmos")

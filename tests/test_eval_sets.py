@@ -10,8 +10,19 @@ import pytest
 from llama_omni.data.config import DEFAULT_INSTRUCTION_VOICES
 from llama_omni.data.sources import Instruction, read_sharegpt
 from llama_omni.eval.sets import (
-    EVAL_VOICES, HELDOUT_SIZE, EvalItem, alpaca_eval_items, heldout_ids, is_heldout,
-    is_spoken_question, load_set, read_set, select_heldout, text_key, write_set)
+    EVAL_VOICES,
+    HELDOUT_SIZE,
+    EvalItem,
+    alpaca_eval_items,
+    heldout_ids,
+    is_heldout,
+    is_spoken_question,
+    load_set,
+    read_set,
+    select_heldout,
+    text_key,
+    write_set,
+)
 
 
 def test_jsonl_round_trip_resolves_audio_against_the_file(tmp_path):
@@ -49,7 +60,7 @@ def test_committed_heldout_is_the_deterministic_selection():
 
 
 def test_exclusion_rule_by_id_duplicate_suffix_and_text():
-    rid, key = next(iter(heldout_ids().items()))
+    rid = next(iter(heldout_ids()))
     assert is_heldout(Instruction(rid, "sharegpt", "any text"))
     assert is_heldout(Instruction(f"{rid}__dup2", "sharegpt", "any text"))
     assert not is_heldout(Instruction(rid, "alpaca", "any text"))  # ShareGPT ids only

@@ -11,7 +11,7 @@ waits while a sentence is spoken, as in a simple single-process cascade.
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

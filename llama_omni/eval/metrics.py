@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -31,7 +31,7 @@ SAMPLE_RATE = 16000
 _ANNOTATION = re.compile(r"\[[^\]]*\]|<[^>]*>")  # ASR tags like [music], <unk>: not speech
 _SEPARATORS = re.compile(r"[-_/]")
 _NOT_WORD = re.compile(r"[^a-z0-9' ]+")
-_FILLERS = frozenset("uh um umm uhm hmm hm mm mhm er erm ah".split())
+_FILLERS = frozenset(["uh", "um", "umm", "uhm", "hmm", "hm", "mm", "mhm", "er", "erm", "ah"])
 
 
 def normalize_english(text: str) -> str:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -30,8 +31,7 @@ from llama_omni.configbase import require
 from llama_omni.data.tts import TTSError
 from llama_omni.eval.cascade import RESPONSE_VOICE, Cascade, text_request
 from llama_omni.eval.judge import Judge
-from llama_omni.eval.metrics import (
-    ASR, UTMOS, SentenceEmbedder, StreamTimes, dnsmos, error_counts)
+from llama_omni.eval.metrics import ASR, UTMOS, SentenceEmbedder, StreamTimes, dnsmos, error_counts
 from llama_omni.eval.sets import EVAL_VOICES, EvalItem, speak
 from llama_omni.inference.engine import Engine, EngineOptions
 from llama_omni.inference.events import Answer, Event, collect
