@@ -2,7 +2,8 @@
 
 For each held-out sentence (the corpus "test" split: chosen by hash, never trained on):
 source TTS audio -> units (merged) -> vocoder with predicted durations, vocoded whole and
-in independent chunks of Omega units (the paper's streaming: each chunk vocoded alone).
+in independent chunks of Omega units (the paper's streaming: each chunk vocoded alone),
+and whole with the measured run lengths as durations (what the units alone keep).
 Prints one JSON object: ASR-WER (faster-whisper, Whisper base) against the source text,
 with the source audio's own WER as the reference point; DNSMOS P.808 and P.835 means;
 units per second after merging; codebook usage.
@@ -52,17 +53,18 @@ def main() -> None:
     extractor = UnitExtractor.load(args.units_model)
     vocoder = load_vocoder(args.vocoder)
     asr = Transcriber(threads=args.threads)
-    variants = ["source", "whole"] + [f"omega{o}" for o in OMEGAS]
+    variants = ["source", "whole", "whole_true_durations"] + [f"omega{o}" for o in OMEGAS]
     hyps: dict[str, list[str]] = {v: [] for v in variants}
     mos: dict[str, list[dict]] = {v: [] for v in variants}
     counts = np.zeros(extractor.config.num_units)
     n_units, seconds = 0, 0.0
     for utt in tqdm(test, desc="resynth", unit="utt"):
         source, _ = sf.read(utt.wav_path(args.corpus), dtype="float32")
-        units, _ = extractor(source)
+        units, durations = extractor(source)
         np.add.at(counts, units, 1)
         n_units, seconds = n_units + len(units), seconds + len(source) / 16000
-        waves = {"source": source, "whole": vocoder.vocode(units)}
+        waves = {"source": source, "whole": vocoder.vocode(units),
+                 "whole_true_durations": vocoder.vocode(units, durations)}
         waves |= {f"omega{o}": chunked(vocoder, units, o) for o in OMEGAS}
         for name, wave in waves.items():
             hyps[name].append(asr(wave))
