@@ -23,7 +23,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Query, Request, WebSocket
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -100,6 +101,11 @@ def create_app(
 
     app = FastAPI(title="llama-omni", lifespan=lifespan)
     app.state.server = server
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in err.errors())
+        return _error(422, "invalid_value", problems)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.middleware("http")
@@ -153,7 +159,7 @@ def create_app(
         request: Request,
         temperature: float = 0.0,
         top_p: float = 0.7,
-        max_new_tokens: int = Query(512, ge=1),
+        max_new_tokens: int = 512,
         chunk_size: str = "40",
         sample_rate: int = 16000,
         audio: bool = True,
@@ -164,9 +170,9 @@ def create_app(
             return problem
         try:
             settings = SessionSettings(
-                input_rate=sample_rate, output_rate=sample_rate, temperature=temperature, top_p=top_p,
+                output_rate=sample_rate, temperature=temperature, top_p=top_p,
                 max_new_tokens=min(max_new_tokens, server.limits.max_new_tokens),
-                chunk_size=None if chunk_size == "inf" else int(chunk_size), audio=audio,
+                chunk_size=_omega(chunk_size), audio=audio,
             )
             data = await _upload_bytes(request)
             wave = await asyncio.to_thread(decode_upload, data, server.limits.max_audio_seconds)
@@ -175,6 +181,14 @@ def create_app(
         return await _stream_answer(server, wave, settings)
 
     return app
+
+
+def _omega(text: str) -> int | None:
+    if text == "inf":
+        return None
+    if not text.isdigit():
+        raise ValueError(f"chunk_size must be a positive number of units or 'inf', got {text!r}")
+    return int(text)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

@@ -23,6 +23,7 @@ from scipy.signal import resample_poly
 from llama_omni.audio import SAMPLE_RATE, AudioError, load_audio
 
 MIN_RATE = 8000  # below this a file cannot hold intelligible speech
+MIN_SECONDS = 0.1  # shorter input gives the speech encoder nothing to work with
 STREAM_RATES = (16000, 24000)  # PCM rates a realtime session may choose
 FFMPEG_TIMEOUT_S = 30
 
@@ -34,19 +35,22 @@ def decode_upload(data: bytes, max_seconds: float) -> np.ndarray:
     try:
         info = sf.info(io.BytesIO(data))
     except sf.SoundFileError:
-        return _check_length(_ffmpeg_decode(data, max_seconds), max_seconds)
+        return check_length(_ffmpeg_decode(data, max_seconds), max_seconds)
     if info.samplerate < MIN_RATE:
         raise AudioError(f"the file's sample rate is {info.samplerate} Hz; speech needs at least {MIN_RATE} Hz")
     if info.duration > max_seconds:
         raise AudioError(f"the audio lasts {info.duration:.1f} s; this server accepts at most {max_seconds:g} s")
     if info.format == "WAV":
         _check_wav_complete(data)
-    return _check_length(load_audio(data), max_seconds)
+    return check_length(load_audio(data), max_seconds)
 
 
-def _check_length(audio: np.ndarray, max_seconds: float) -> np.ndarray:
-    if audio.size == 0:
-        raise AudioError("the file contains no audio samples")
+def check_length(audio: np.ndarray, max_seconds: float) -> np.ndarray:
+    """`audio` (16 kHz) if it lasts between MIN_SECONDS and `max_seconds`, else AudioError."""
+    if audio.size < MIN_SECONDS * SAMPLE_RATE:
+        raise AudioError(
+            f"the audio lasts {audio.size / SAMPLE_RATE:.2f} s; ask a question of at least {MIN_SECONDS:g} s"
+        )
     if audio.size > max_seconds * SAMPLE_RATE:
         raise AudioError(f"the audio lasts longer than {max_seconds:g} s, the most this server accepts")
     return audio
@@ -89,10 +93,8 @@ def _ffmpeg_decode(data: bytes, max_seconds: float) -> np.ndarray:
         raise AudioError(f"decoding the upload took longer than {FFMPEG_TIMEOUT_S} s") from err
     if done.returncode != 0 or not done.stdout:
         reason = done.stderr.decode(errors="replace").strip().splitlines()
-        raise AudioError(
-            "the upload is not a readable sound file (WAV, FLAC, OGG, MP3 or WebM): "
-            + (reason[-1] if reason else "ffmpeg found no audio stream")
-        )
+        reason = reason[-1].removeprefix("pipe:0: ") if reason else "ffmpeg found no audio stream"
+        raise AudioError(f"the upload is not a readable sound file (WAV, FLAC, OGG, MP3 or WebM): {reason}")
     return np.frombuffer(done.stdout, dtype="<f4").astype(np.float32)
 
 

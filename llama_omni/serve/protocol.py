@@ -57,12 +57,13 @@ def parse_event(text: str | bytes) -> dict[str, Any]:
     return event
 
 
-def _get(obj: dict, path: str) -> Any:
-    """obj[a][b]... for path "a.b"; None when any part is missing."""
+def _get(session: dict, path: str) -> Any:
+    """session[a][b]... for path "a.b"; None when any part is missing."""
+    obj, seen = session, "session"
     for key in path.split("."):
         if not isinstance(obj, dict):
-            raise ProtocolError(f"{key!r}'s parent must be an object", param=path)
-        obj = obj.get(key)
+            raise ProtocolError(f"{seen} must be an object", param=seen)
+        obj, seen = obj.get(key), f"{seen}.{key}"
         if obj is None:
             return None
     return obj

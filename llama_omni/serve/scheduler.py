@@ -20,7 +20,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from llama_omni.audio import AudioError
 from llama_omni.inference.engine import Engine, EngineOptions
 from llama_omni.inference.events import AudioChunk, End, Event, TextDelta, Units
 from llama_omni.model.omni import OmniModel
@@ -158,7 +157,7 @@ class Scheduler:
                 job.speech = engine.encode([job.audio])[0]
                 requests.append(job.history.request(self.model, job.speech, job.options.max_new_tokens))
                 ready.append(job)
-            except AudioError as err:
+            except ValueError as err:  # AudioError, or the front end refusing a too-short input
                 job.emit(Failure("invalid_audio", str(err)))
         if not ready:
             return

@@ -23,7 +23,7 @@ from llama_omni.inference.sampling import SamplingOptions
 from llama_omni.inference.session import prompt_length
 from llama_omni.model.omni import OmniModel
 from llama_omni.model.prompt import Turn
-from llama_omni.serve.audio_io import STREAM_RATES, StreamResampler
+from llama_omni.serve.audio_io import STREAM_RATES, StreamResampler, check_length
 
 
 @dataclass(frozen=True)
@@ -202,9 +202,7 @@ class Session:
     def add_turn(self, audio: np.ndarray) -> np.ndarray:
         """Add 16 kHz audio to the pending user turn (commits before an answer join up)."""
         turn = audio if self.pending is None else np.concatenate([self.pending, audio])
-        if turn.size > self.limits.max_audio_seconds * SAMPLE_RATE:
-            raise AudioError(f"the user turn would exceed {self.limits.max_audio_seconds:g} s of audio")
-        self.pending = turn
+        self.pending = check_length(turn, self.limits.max_audio_seconds)
         return audio
 
 
