@@ -42,11 +42,13 @@ def resynth(
         raise typer.BadParameter(
             f"the vocoder knows {model.config.num_units} units but the units model makes "
             f"{extractor.config.num_units}: pass a matching pair", param_hint="--vocoder")
-    units, durations = extractor(load_audio(audio))
+    speech = load_audio(audio)  # [T] 16 kHz
+    units, durations = extractor(speech)
     wave = model.vocode(units, durations if true_durations else None)  # [T]
     out.parent.mkdir(parents=True, exist_ok=True)
     rate = model.config.sample_rate
     with atomic_path(out) as tmp:
         sf.write(tmp, wave, rate, subtype="PCM_16", format="WAV")
-    typer.echo(f"{out}: {len(units)} units ({len(units) / (len(wave) / rate):.1f}/s), "
-               f"{len(wave) / rate:.2f} s")
+    seconds_in = len(speech) / 16000
+    typer.echo(f"{out}: {len(units)} units from {seconds_in:.2f} s of speech "
+               f"({len(units) / seconds_in:.1f}/s) -> {len(wave) / rate:.2f} s")
