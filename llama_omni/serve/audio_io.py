@@ -112,8 +112,8 @@ def pcm16_decode(text: str, what: str = "audio") -> np.ndarray:
 
 
 def pcm16_encode(audio: np.ndarray) -> str:
-    """float32 samples -> base64 little-endian PCM16 (clipped to [-1, 1])."""
-    samples = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+    """float32 samples -> base64 little-endian PCM16 (the inverse of pcm16_decode, clipped)."""
+    samples = np.clip(np.round(audio * 32768.0), -32768, 32767).astype("<i2")
     return base64.b64encode(samples.tobytes()).decode("ascii")
 
 
