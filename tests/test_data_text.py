@@ -106,6 +106,7 @@ def test_rewriter_rejects_unfaithful_rewrites():
     original = "What are the health benefits of green tea?"
     assert rewriter.check(original, "Um, so what are the health benefits of green tea?") is None
     assert rewriter.check(original, "Green tea is a drink from China.") == "meaning_lost"
+    assert rewriter.check(original, "Sure, here are the health benefits of green tea.") == "answered"
 
 
 def test_rule_rewriter_is_seeded_and_spoken():

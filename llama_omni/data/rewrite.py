@@ -23,6 +23,8 @@ INNER_FILLERS = ("uh", "um", "like")
 FILLER_WORDS = frozenset({"so", "hey", "um", "uh", "like", "okay", "well"})
 _STOP = frozenset("the a an and or but of to in on at for with from by about as is are was were "
                   "be can could would should will you your me my i it this that what how".split())
+_ANSWER_START = re.compile(
+    r"^(?:sure|certainly|of course|here (?:is|are)|yes|no|as an ai|i'm|i am)\b", re.IGNORECASE)
 _QUESTION_START = re.compile(r"^(?:who|what|when|where|why|how|which|can|could|would|should|"
                              r"is|are|do|does|did|will|have|has)\b", re.IGNORECASE)
 
@@ -97,6 +99,8 @@ class LLMRewriter:
         wanted = content_words(normalize_for_tts(original))
         if wanted and len(wanted & content_words(spoken)) / len(wanted) < self.config.min_overlap:
             return "meaning_lost"
+        if _ANSWER_START.match(spoken) and not _ANSWER_START.match(normalize_for_tts(original)):
+            return "answered"  # the model replied to the request instead of rewording it
         if len(words) > 1.5 * len(original.split()) + 6:  # an answer, not a rewrite
             return "too_long"
         if sum(w.strip(",.?!").lower() in FILLER_WORDS for w in words) > 4:
