@@ -3,7 +3,9 @@
 Sessions submit `Job`s into a bounded queue (full: `QueueFull`, which clients see as
 "server busy"). The worker takes the oldest job plus every queued job with the same
 decoding options (up to max_batch) and decodes them as one batch in the engine; jobs
-that arrive meanwhile form the next batch. Events go to each job's `emit` callback from
+that arrive meanwhile form the next batch. The engine cannot add rows to a running
+batch, so the worker waits up to `gather_ms` after a job's arrival for others: the
+sessions of one batch all finish together and send their next turns moments apart. Events go to each job's `emit` callback from
 the worker thread. A cancelled job gets no more events; its row stops costing anything
 once the whole batch is cancelled (a batch is not split mid-answer).
 """
@@ -53,6 +55,7 @@ class Job:
     options: EngineOptions
     emit: Callable[[JobEvent], None]
     t_end: float = field(default_factory=time.perf_counter)
+    submitted: float = 0.0  # perf_counter() time it entered the queue
     speech: torch.Tensor | None = None  # [N, D] set once encoded (for the session's history)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -67,10 +70,11 @@ class Scheduler:
         vocoder: UnitVocoder | None,
         max_queue: int = 32,
         max_batch: int = 8,
+        gather_ms: float = 50.0,
     ):
         self.model = model
         self.vocoder = vocoder
-        self.max_queue, self.max_batch = max_queue, max_batch
+        self.max_queue, self.max_batch, self.gather_s = max_queue, max_batch, gather_ms / 1000
         self._pending: deque[Job] = deque()
         self._wake = threading.Condition()
         self._engines: OrderedDict[EngineOptions, Engine] = OrderedDict()
@@ -107,6 +111,7 @@ class Scheduler:
                 raise QueueFull("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the server is busy: {len(self._pending)} turns are waiting; try again shortly")
+            job.submitted = time.perf_counter()
             self._pending.append(job)
             self._wake.notify()
         return job
@@ -116,6 +121,12 @@ class Scheduler:
         with self._wake:
             while not self._pending and not self._stopping:
                 self._wake.wait()
+            deadline = self._pending[0].submitted + self.gather_s if self._pending else 0
+            while len(self._pending) < self.max_batch and not self._stopping:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
             if self._stopping:
                 return None
             head = self._pending.popleft()
