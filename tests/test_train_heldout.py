@@ -32,3 +32,39 @@ def test_heldout_units_and_answers(tmp_path):
     report = evaluate(model, items, max_new_tokens=4, batch_size=2)
     assert report["items"] == 3 and 0.0 <= report["rouge_l"] <= 1.0
     assert all(e["answer"] is not None and "rouge_l" in e for e in report["examples"])
+
+
+def test_units_scored_through_vocoder_and_asr(tmp_path, monkeypatch):
+    """The plumbing of the stage-2 score: units -> vocoder -> 16 kHz -> ASR -> WER."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from llama_omni.train import heldout
+
+    class FakeVocoder:
+        config = SimpleNamespace(sample_rate=24000)
+
+        def vocode(self, units):
+            return np.zeros(len(units) * 480, dtype=np.float32)  # 20 ms per unit
+
+    heard = []
+
+    class FakeASR:
+        def __call__(self, audio):
+            heard.append(len(audio))
+            return "the cat sleeps"
+
+    monkeypatch.setattr(heldout, "Transcriber", FakeASR)
+    llm_dir = save_small_vocab_llm(tmp_path / "llm")
+    data = write_manifest(tmp_path / "data", items=2)
+    cfg = tiny_config(tmp_path, llm_dir, data, "stage2",
+                      **{"model.overrides": {"llm": {"prompt_style": "chat-template"}}})
+    model = prepare_model(cfg).eval()
+    items = read_conversations(data)
+    report = evaluate(model, items, vocoder=FakeVocoder(), answers=False, batch_size=2)
+    ours = predicted_units(model, items, batch_size=2)
+    truth = [len(c.turns[1].units) for c in items]
+    assert heard == [len(u) * 320 for u in ours] + [n * 320 for n in truth]  # resampled to 16 kHz
+    # references: "Sure, it is sunny." (4 words, 4 errors), "The cat sleeps." (0 errors)
+    assert report["units_asr_wer"] == report["data_units_asr_wer"] == pytest.approx(100 * 4 / 7)
