@@ -67,7 +67,16 @@ def start_server(model: Path, vocoder: Path | None, log: Path) -> tuple[subproce
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     entry = Path(sys.executable).with_name("llama-omni")  # the console script of this environment
-    command = [str(entry), "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(entry),
+        "serve",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if vocoder is not None:
         command += ["--vocoder", str(vocoder)]
     server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -121,10 +130,16 @@ def _round(x):
     return None if x is None else round(x, 1)
 
 
-async def session(url: str, questions: list[str], turns: int, max_new_tokens: int, results: list) -> None:
+async def session(
+    url: str, questions: list[str], turns: int, max_new_tokens: int, results: list
+) -> None:
     """One client: `turns` spoken turns on one connection; one result dict per turn."""
-    async with websockets.connect(url.replace("http", "ws", 1) + "/v1/realtime", max_size=None) as ws:
-        await ws.send(json.dumps({"type": "session.update", "session": {"max_output_tokens": max_new_tokens}}))
+    async with websockets.connect(
+        url.replace("http", "ws", 1) + "/v1/realtime", max_size=None
+    ) as ws:
+        await ws.send(
+            json.dumps({"type": "session.update", "session": {"max_output_tokens": max_new_tokens}})
+        )
         for turn in range(turns):
             for piece in questions[turn % len(questions)]:
                 await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": piece}))
@@ -147,16 +162,23 @@ async def _answer(ws, sent: float) -> dict:
         elif kind == "response.output_audio.delta" and result["first_audio_ms"] is None:
             result["first_audio_ms"] = ms
         elif kind == "response.done":
-            result.update(total_ms=ms, status=event["response"]["status"],
-                          audio_s=event["response"]["audio_seconds"])
+            result.update(
+                total_ms=ms,
+                status=event["response"]["status"],
+                audio_s=event["response"]["audio_seconds"],
+            )
             return result
 
 
 def pcm_pieces(path: Path, seconds: float = 0.5) -> list[str]:
     audio = load_audio(path)
     step = int(16000 * seconds)
-    return [base64.b64encode((np.clip(audio[i:i + step], -1, 1) * 32767).astype("<i2").tobytes()).decode()
-            for i in range(0, audio.size, step)]
+    return [
+        base64.b64encode(
+            (np.clip(audio[i : i + step], -1, 1) * 32767).astype("<i2").tobytes()
+        ).decode()
+        for i in range(0, audio.size, step)
+    ]
 
 
 async def run(url: str, sessions: int, turns: int, max_new_tokens: int) -> tuple[list, list, float]:
@@ -164,27 +186,42 @@ async def run(url: str, sessions: int, turns: int, max_new_tokens: int) -> tuple
     results: list[dict] = []
     started = time.perf_counter()
     outcomes = await asyncio.gather(
-        *(session(url, questions[i:] + questions[:i], turns, max_new_tokens, results) for i in range(sessions)),
+        *(
+            session(url, questions[i:] + questions[:i], turns, max_new_tokens, results)
+            for i in range(sessions)
+        ),
         return_exceptions=True,
     )
     failures = [f"{type(o).__name__}: {o}" for o in outcomes if isinstance(o, BaseException)]
     return results, failures, time.perf_counter() - started
 
 
-def report(results: list, failures: list, wall_s: float, memory: dict, server_metrics: dict, args) -> dict:
+def report(
+    results: list, failures: list, wall_s: float, memory: dict, server_metrics: dict, args
+) -> dict:
     def stats(key):
         return percentiles(np.array([r[key] for r in results if r.get(key) is not None]))
 
     errors = [e for r in results for e in r["errors"]] + failures
     return {
-        "sessions": args.sessions, "turns_per_session": args.turns, "max_new_tokens": args.max_new_tokens,
-        "turns_done": len(results), "errors": len(errors), "error_samples": errors[:5],
-        "statuses": {s: sum(r.get("status") == s for r in results) for s in {r.get("status") for r in results}},
+        "sessions": args.sessions,
+        "turns_per_session": args.turns,
+        "max_new_tokens": args.max_new_tokens,
+        "turns_done": len(results),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "statuses": {
+            s: sum(r.get("status") == s for r in results)
+            for s in {r.get("status") for r in results}
+        },
         "latency_ms": {key: stats(key) for key in ("first_text_ms", "first_audio_ms", "total_ms")},
         "audio_seconds": round(sum(r.get("audio_s", 0) for r in results), 1),
-        "wall_s": round(wall_s, 1), "turns_per_s": round(len(results) / wall_s, 3),
+        "wall_s": round(wall_s, 1),
+        "turns_per_s": round(len(results) / wall_s, 3),
         "server_rss_mb": memory,
-        "server": {k: server_metrics.get(k) for k in ("batches", "batched_turns", "latency_ms", "sessions")},
+        "server": {
+            k: server_metrics.get(k) for k in ("batches", "batched_turns", "latency_ms", "sessions")
+        },
     }
 
 
@@ -193,7 +230,11 @@ def main() -> None:
     parser.add_argument("--url", help="an already running server (default: start one)")
     parser.add_argument("--model", type=Path)
     parser.add_argument("--vocoder", type=Path)
-    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "llama-omni-serve-bench")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("TMPDIR", "/tmp")) / "llama-omni-serve-bench",
+    )
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -210,7 +251,9 @@ def main() -> None:
         server, url = start_server(model, vocoder, args.workdir / "server.log")
     memory = MemoryWatch(server.pid if server else None)
     try:
-        results, failures, wall_s = asyncio.run(run(url, args.sessions, args.turns, args.max_new_tokens))
+        results, failures, wall_s = asyncio.run(
+            run(url, args.sessions, args.turns, args.max_new_tokens)
+        )
         server_metrics = json.load(urllib.request.urlopen(url + "/metrics", timeout=10))
     finally:
         rss = memory.stop()

@@ -1,8 +1,13 @@
-"""Helpers for the serving tests: a tiny model behind the app, a live loopback server."""
+"""Helpers for the serving tests: a tiny model behind the app, a live loopback server.
+
+A test module uses a fixture by importing its `*_fixture` function (pytest registers it
+under the fixture's name); `one_thread` applies to every test of such a module.
+"""
 
 from __future__ import annotations
 
 import base64
+import functools
 import socket
 import threading
 import time
@@ -23,8 +28,8 @@ from llama_omni.serve.sessions import ServerLimits
 EXAMPLES = Path(__file__).parents[1] / "llama_omni" / "serve" / "static" / "examples"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
+@pytest.fixture(name="one_thread", autouse=True)
+def one_thread_fixture():
     """Tiny tensors run fastest on one thread, above all on a busy machine."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -32,21 +37,28 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def serve_model(tiny_llm_dir) -> OmniModel:
-    """The tiny test model, built once: serving only reads it."""
+@functools.cache
+def _tiny_parts(llm_dir: Path) -> tuple[OmniModel, UnitVocoder]:
+    """Built once per test run (a module-level cache, shared by every test module)."""
     torch.manual_seed(0)
-    return OmniModel.initialize(OmniConfig.preset("tiny-test"), base_dir=tiny_llm_dir).eval()
-
-
-@pytest.fixture(scope="session")
-def serve_vocoder() -> UnitVocoder:
+    model = OmniModel.initialize(OmniConfig.preset("tiny-test"), base_dir=llm_dir).eval()
     torch.manual_seed(1)
-    return UnitVocoder(VocoderConfig.preset("tiny-test")).eval()
+    return model, UnitVocoder(VocoderConfig.preset("tiny-test")).eval()
 
 
-@pytest.fixture()
-def make_app(serve_model, serve_vocoder):
+@pytest.fixture(name="serve_model")
+def serve_model_fixture(tiny_llm_dir) -> OmniModel:
+    """The tiny test model: serving only reads it, so all tests share one."""
+    return _tiny_parts(tiny_llm_dir)[0]
+
+
+@pytest.fixture(name="serve_vocoder")
+def serve_vocoder_fixture(tiny_llm_dir) -> UnitVocoder:
+    return _tiny_parts(tiny_llm_dir)[1]
+
+
+@pytest.fixture(name="make_app")
+def make_app_fixture(serve_model, serve_vocoder):
     """create_app over the tiny model; keyword arguments become ServerLimits fields."""
 
     def make(max_queue: int = 32, max_batch: int = 8, **limits):
@@ -55,8 +67,8 @@ def make_app(serve_model, serve_vocoder):
     return make
 
 
-@pytest.fixture()
-def client(make_app):
+@pytest.fixture(name="client")
+def client_fixture(make_app):
     with TestClient(make_app()) as test_client:
         yield test_client
 

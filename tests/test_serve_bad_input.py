@@ -8,7 +8,13 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 from serve_fixtures import (  # noqa: F401 (fixtures)
-    ask, make_app, one_thread, pcm, serve_model, serve_vocoder, tone,
+    ask,
+    make_app_fixture,
+    one_thread_fixture,
+    pcm,
+    serve_model_fixture,
+    serve_vocoder_fixture,
+    tone,
 )
 
 MESSAGE_LIMIT = 256 * 1024
@@ -32,30 +38,94 @@ def _session(**session) -> str:
 
 def bad_messages() -> list[str | bytes]:
     """WebSocket messages that must each draw exactly one error event."""
-    invalid_json = ["{bad", "", " ", "[]", "null", "123", '"text"', '{"type": 5}', '{"no_type": 1}',
-                    "{'type': 'session.update'}", '{"type": "session.update"', "\x00\x01", "true",
-                    '{"type": null}', '{"type": ["response.create"]}']
-    random_text = ["".join(chr(int(c)) for c in rng.integers(32, 0x2FFF, size=n)) for n in range(1, 31)]
-    random_bytes = [rng.integers(0, 256, size=n, dtype=np.uint8).tobytes() for n in (1, 2, 7, 64, 999) * 6]
-    unknown = [_event(kind) for kind in (
-        "conversation.item.create", "response.created", "session.created", "input_audio_buffer.flush",
-        "RESPONSE.CREATE", "response.create ", "transcription_session.update", "output_audio_buffer.clear",
-        "x", "a" * 10000, "session.update.extra", "error", "input_audio_buffer", "response", "💥")]
-    bad_audio = [_event("input_audio_buffer.append", audio=a) for a in (
-        "not base64!", "AAA", "A", "====", 12, None, ["AAAA"], {"b": 1}, "AAAA", "AQIDBAU=",  # last two: odd byte counts
-        "YWJj", "\u00e9\u00e9", "AA==AA==", True, 1.5)]
+    invalid_json = [
+        "{bad",
+        "",
+        " ",
+        "[]",
+        "null",
+        "123",
+        '"text"',
+        '{"type": 5}',
+        '{"no_type": 1}',
+        "{'type': 'session.update'}",
+        '{"type": "session.update"',
+        "\x00\x01",
+        "true",
+        '{"type": null}',
+        '{"type": ["response.create"]}',
+    ]
+    random_text = [
+        "".join(chr(int(c)) for c in rng.integers(32, 0x2FFF, size=n)) for n in range(1, 31)
+    ]
+    random_bytes = [
+        rng.integers(0, 256, size=n, dtype=np.uint8).tobytes() for n in (1, 2, 7, 64, 999) * 6
+    ]
+    unknown = [
+        _event(kind)
+        for kind in (
+            "conversation.item.create",
+            "response.created",
+            "session.created",
+            "input_audio_buffer.flush",
+            "RESPONSE.CREATE",
+            "response.create ",
+            "transcription_session.update",
+            "output_audio_buffer.clear",
+            "x",
+            "a" * 10000,
+            "session.update.extra",
+            "error",
+            "input_audio_buffer",
+            "response",
+            "💥",
+        )
+    ]
+    bad_audio = [
+        _event("input_audio_buffer.append", audio=a)
+        for a in (
+            "not base64!",
+            "AAA",
+            "A",
+            "====",
+            12,
+            None,
+            ["AAAA"],
+            {"b": 1},
+            "AAAA",
+            "AQIDBAU=",  # last two: odd byte counts
+            "YWJj",
+            "\u00e9\u00e9",
+            "AA==AA==",
+            True,
+            1.5,
+        )
+    ]
     bad_session = [
-        _event("session.update"), _event("session.update", session="fast"), _event("session.update", session=[1]),
-        _session(temperature=-1), _session(temperature="hot"), _session(temperature=True), _session(top_p=0),
-        _session(top_p=2), _session(chunk_size=0), _session(chunk_size=-5), _session(chunk_size="x"),
-        _session(chunk_size=2.5), _session(max_output_tokens=0), _session(max_output_tokens=10**9),
-        _session(max_output_tokens="many"), _session(output_modalities=["video"]), _session(output_modalities=[]),
+        _event("session.update"),
+        _event("session.update", session="fast"),
+        _event("session.update", session=[1]),
+        _session(temperature=-1),
+        _session(temperature="hot"),
+        _session(temperature=True),
+        _session(top_p=0),
+        _session(top_p=2),
+        _session(chunk_size=0),
+        _session(chunk_size=-5),
+        _session(chunk_size="x"),
+        _session(chunk_size=2.5),
+        _session(max_output_tokens=0),
+        _session(max_output_tokens=10**9),
+        _session(max_output_tokens="many"),
+        _session(output_modalities=["video"]),
+        _session(output_modalities=[]),
         _session(output_modalities="audio"),
         _session(audio={"input": {"format": {"type": "audio/pcm", "rate": 44100}}}),
         _session(audio={"input": {"format": {"type": "audio/pcm", "rate": 8000}}}),
         _session(audio={"output": {"format": {"type": "audio/pcmu"}}}),
         _session(audio={"output": {"format": {"type": "audio/pcm", "rate": "fast"}}}),
-        _session(audio={"input": {"format": "pcm16"}}), _session(audio="loud"),
+        _session(audio={"input": {"format": "pcm16"}}),
+        _session(audio="loud"),
         _session(audio={"input": {"turn_detection": {"type": "semantic_vad"}}}),
         _session(audio={"input": {"turn_detection": {"threshold": 2}}}),
         _session(audio={"input": {"turn_detection": {"silence_duration_ms": 1}}}),
@@ -63,45 +133,99 @@ def bad_messages() -> list[str | bytes]:
         _session(audio={"input": {"turn_detection": {"create_response": "yes"}}}),
         _session(audio={"input": {"turn_detection": "on"}}),
     ]
-    out_of_order = [_event("input_audio_buffer.commit")] * 5 + [_event("response.create")] * 5 + \
-        [_event("response.cancel")] * 5 + [_event("response.create", response="now")] * 3 + \
-        [_event("response.create", response={"max_output_tokens": -1})] * 2
-    oversize = ["x" * (MESSAGE_LIMIT + 1), _event("input_audio_buffer.append", audio="A" * MESSAGE_LIMIT),
-                _event("input_audio_buffer.append", audio=pcm(tone(9.0)))] + [" " * (MESSAGE_LIMIT + n) for n in (1, 99)]
-    return invalid_json + random_text + random_bytes + unknown + bad_audio + bad_session + out_of_order + oversize
+    out_of_order = (
+        [_event("input_audio_buffer.commit")] * 5
+        + [_event("response.create")] * 5
+        + [_event("response.cancel")] * 5
+        + [_event("response.create", response="now")] * 3
+        + [_event("response.create", response={"max_output_tokens": -1})] * 2
+    )
+    oversize = [
+        "x" * (MESSAGE_LIMIT + 1),
+        _event("input_audio_buffer.append", audio="A" * MESSAGE_LIMIT),
+        _event("input_audio_buffer.append", audio=pcm(tone(9.0))),
+    ] + [" " * (MESSAGE_LIMIT + n) for n in (1, 99)]
+    return (
+        invalid_json
+        + random_text
+        + random_bytes
+        + unknown
+        + bad_audio
+        + bad_session
+        + out_of_order
+        + oversize
+    )
 
 
 def bad_uploads() -> list[tuple[str, dict, int]]:
     """(query, request kwargs, expected status) for POST /v1/respond."""
     wav = _wav(tone(1.0))
-    cases = [("", {"content": rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()}, 400)
-             for n in (1, 10, 100, 1000, 5000, 44, 12, 3, 77, 2048)]
-    cases += [("", {"content": wav[:n]}, 400) for n in (4, 12, 20, 30, 43, 44, 46, 100, 5000, len(wav) - 2)]
-    cases += [("", {"content": b""}, 400), ("", {"content": b"RIFF"}, 400),
-              ("", {"files": {"file": ("empty.wav", b"", "audio/wav")}}, 400),
-              ("", {"files": {"other": ("q.wav", wav, "audio/wav")}}, 400),
-              ("", {"data": {"file": "not a file"}, "files": {"x": ("x", b"1", "text/plain")}}, 400)]
-    cases += [("", {"content": _wav(tone(1.0)[:: 16000 // rate], rate)}, 400) for rate in (1000, 2000, 4000, 6000, 7999)]
+    cases = [
+        ("", {"content": rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()}, 400)
+        for n in (1, 10, 100, 1000, 5000, 44, 12, 3, 77, 2048)
+    ]
+    cases += [
+        ("", {"content": wav[:n]}, 400)
+        for n in (4, 12, 20, 30, 43, 44, 46, 100, 5000, len(wav) - 2)
+    ]
+    cases += [
+        ("", {"content": b""}, 400),
+        ("", {"content": b"RIFF"}, 400),
+        ("", {"files": {"file": ("empty.wav", b"", "audio/wav")}}, 400),
+        ("", {"files": {"other": ("q.wav", wav, "audio/wav")}}, 400),
+        ("", {"data": {"file": "not a file"}, "files": {"x": ("x", b"1", "text/plain")}}, 400),
+    ]
+    cases += [
+        ("", {"content": _wav(tone(1.0)[:: 16000 // rate], rate)}, 400)
+        for rate in (1000, 2000, 4000, 6000, 7999)
+    ]
     ten_minutes = np.tile(tone(1.0), 600)
-    cases += [("", {"content": _wav(ten_minutes)}, 413),
-              ("", {"content": _wav(np.zeros(16000 * 600, np.float32), fmt="FLAC")}, 400),
-              ("", {"content": _wav(ten_minutes[: 16000 * 31])}, 400)]
-    cases += [("", {"content": b"\x00" * (UPLOAD_LIMIT + 1)}, 413),
-              ("", {"content": wav, "headers": {"content-length": str(UPLOAD_LIMIT * 5)}}, 413)]
-    cases += [(query, {"content": wav}, 400) for query in (
-        "?temperature=-1", "?top_p=0", "?top_p=3", "?chunk_size=abc", "?chunk_size=0", "?sample_rate=44100",
-        "?max_new_tokens=0", "?temperature=nan")]
-    cases += [(query, {"content": wav}, 422) for query in ("?max_new_tokens=many", "?temperature=hot")]
-    cases += [("", {"content": iter([wav])}, 411),  # chunked: no Content-Length
-              ("", {"content": _wav(tone(0.01))}, 400),  # too short for one speech embedding
-              ("", {"content": b"\x1a\x45\xdf\xa3" + bytes(200), "headers": {"content-type": "audio/webm"}}, 400)]
+    cases += [
+        ("", {"content": _wav(ten_minutes)}, 413),
+        ("", {"content": _wav(np.zeros(16000 * 600, np.float32), fmt="FLAC")}, 400),
+        ("", {"content": _wav(ten_minutes[: 16000 * 31])}, 400),
+    ]
+    cases += [
+        ("", {"content": b"\x00" * (UPLOAD_LIMIT + 1)}, 413),
+        ("", {"content": wav, "headers": {"content-length": str(UPLOAD_LIMIT * 5)}}, 413),
+    ]
+    cases += [
+        (query, {"content": wav}, 400)
+        for query in (
+            "?temperature=-1",
+            "?top_p=0",
+            "?top_p=3",
+            "?chunk_size=abc",
+            "?chunk_size=0",
+            "?sample_rate=44100",
+            "?max_new_tokens=0",
+            "?temperature=nan",
+        )
+    ]
+    cases += [
+        (query, {"content": wav}, 422) for query in ("?max_new_tokens=many", "?temperature=hot")
+    ]
+    cases += [
+        ("", {"content": iter([wav])}, 411),  # chunked: no Content-Length
+        ("", {"content": _wav(tone(0.01))}, 400),  # too short for one speech embedding
+        (
+            "",
+            {
+                "content": b"\x1a\x45\xdf\xa3" + bytes(200),
+                "headers": {"content-type": "audio/webm"},
+            },
+            400,
+        ),
+    ]
     return cases
 
 
 def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(make_app):
     messages, uploads = bad_messages(), bad_uploads()
     assert len(messages) + len(uploads) >= 200
-    app = make_app(max_message_bytes=MESSAGE_LIMIT, max_upload_bytes=UPLOAD_LIMIT, max_new_tokens=64)
+    app = make_app(
+        max_message_bytes=MESSAGE_LIMIT, max_upload_bytes=UPLOAD_LIMIT, max_new_tokens=64
+    )
     with TestClient(app) as client:
         with client.websocket_connect("/v1/realtime") as ws:
             assert ws.receive_json()["type"] == "session.created"
@@ -117,7 +241,10 @@ def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(make_app):
             assert response.status_code == status, (query, str(kwargs)[:200], response.text[:300])
             assert response.json()["error"]["message"]
         ok = client.post("/v1/respond?max_new_tokens=3", content=_wav(tone()))
-        assert ok.status_code == 200 and json.loads(ok.text.splitlines()[-1])["type"] == "response.done"
+        assert (
+            ok.status_code == 200
+            and json.loads(ok.text.splitlines()[-1])["type"] == "response.done"
+        )
         assert client.get("/health").json()["status"] == "ok"
         counts = client.get("/metrics").json()["counts"]
     assert counts["errors.invalid_json"] >= 20 and counts["errors.unknown_event"] >= 15

@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from serve_fixtures import EXAMPLES, serve_model, serve_vocoder, speech  # noqa: F401 (fixtures)
+from serve_fixtures import (  # noqa: F401 (fixtures)
+    EXAMPLES,
+    one_thread_fixture,
+    serve_model_fixture,
+    serve_vocoder_fixture,
+    speech,
+)
 
 from llama_omni.model.checkpoint import save_checkpoint
 from llama_omni.model.vocoder import save_vocoder
@@ -50,7 +56,8 @@ const { chromium } = require('playwright-core');
   await page.click('#record');
   await page.waitForTimeout(3500);
   await page.click('#record');
-  await page.waitForFunction(() => document.querySelector('.turn .answer')?.dataset.done, null, { timeout: 120000 });
+  await page.waitForFunction(() => document.querySelector('.turn .answer')?.dataset.done,
+    null, { timeout: 120000 });
   const result = await page.evaluate(() => {
     const turn = document.querySelector('.turn');
     const answer = turn.querySelector('.answer');
@@ -71,7 +78,9 @@ const { chromium } = require('playwright-core');
 def _node_path() -> str | None:
     if NODE is None:
         return None
-    root = subprocess.run(["npm", "root", "-g"], capture_output=True, text=True).stdout.strip()
+    root = subprocess.run(
+        ["npm", "root", "-g"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     return root if (Path(root) / "playwright-core").is_dir() else None
 
 
@@ -91,25 +100,53 @@ def test_voice_chat_page_in_headless_chromium(serve_model, serve_vocoder, tmp_pa
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("llama-omni")), "serve", "--model", str(tmp_path / "model"),
-         "--vocoder", str(tmp_path / "vocoder"), "--port", str(port)],
-        stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT,
+        [
+            str(Path(sys.executable).with_name("llama-omni")),
+            "serve",
+            "--model",
+            str(tmp_path / "model"),
+            "--vocoder",
+            str(tmp_path / "vocoder"),
+            "--port",
+            str(port),
+        ],
+        stdout=(tmp_path / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
     )
     shot = Path(os.environ.get("LLAMA_OMNI_SCREENSHOT", tmp_path / "voice-chat.png"))
     try:
         _wait_healthy(f"http://127.0.0.1:{port}/health", server)
         run = subprocess.run(
-            [NODE, str(tmp_path / "driver.js"), f"http://127.0.0.1:{port}/", str(wav), str(shot),
-             str(tmp_path / "profile"), CHROMIUM],
-            capture_output=True, text=True, timeout=300, env={**os.environ, "NODE_PATH": node_path},
+            [
+                NODE,
+                str(tmp_path / "driver.js"),
+                f"http://127.0.0.1:{port}/",
+                str(wav),
+                str(shot),
+                str(tmp_path / "profile"),
+                CHROMIUM,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={**os.environ, "NODE_PATH": node_path},
         )
     finally:
         server.terminate()
         server.wait(timeout=30)
     assert run.returncode == 0, run.stderr[-3000:] + (tmp_path / "server.log").read_text()[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["user"].startswith("microphone") and not result["errors"] and not result["pageErrors"]
-    assert result["text"].strip() and result["units"] and result["status"] in ("completed", "incomplete")
+    assert (
+        result["user"].startswith("microphone")
+        and not result["errors"]
+        and not result["pageErrors"]
+    )
+    assert (
+        result["text"].strip()
+        and result["units"]
+        and result["status"] in ("completed", "incomplete")
+    )
     assert result["audioMs"] > 0 and result["played"] >= result["audioMs"] - 1
     assert "first audio" in result["latency"] and shot.stat().st_size > 10_000
 

@@ -1,4 +1,4 @@
-"""Real clients against live loopback servers: the openai package's Realtime client, gradio_client."""
+"""Real clients on live loopback servers: the openai package's Realtime client, gradio_client."""
 
 import base64
 import os
@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 from serve_fixtures import (  # noqa: F401 (fixtures)
-    EXAMPLES, live_server, make_app, one_thread, pcm, serve_model, serve_vocoder, speech,
+    EXAMPLES,
+    live_server,
+    make_app_fixture,
+    one_thread_fixture,
+    pcm,
+    serve_model_fixture,
+    serve_vocoder_fixture,
+    speech,
 )
 
 
@@ -14,14 +21,19 @@ def test_openai_realtime_client_completes_a_spoken_turn(make_app):
     openai = pytest.importorskip("openai")
     with live_server(make_app(api_key="test-key")) as port:
         client = openai.OpenAI(
-            api_key="test-key", base_url=f"http://127.0.0.1:{port}/v1",
+            api_key="test-key",
+            base_url=f"http://127.0.0.1:{port}/v1",
             websocket_base_url=f"ws://127.0.0.1:{port}/v1",
         )
         with client.realtime.connect(model="llama-omni") as connection:
-            connection.session.update(session={
-                "type": "realtime", "output_modalities": ["audio"], "max_output_tokens": 10,
-                "audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000}}},
-            })
+            connection.session.update(
+                session={
+                    "type": "realtime",
+                    "output_modalities": ["audio"],
+                    "max_output_tokens": 10,
+                    "audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000}}},
+                }
+            )
             connection.input_audio_buffer.append(audio=pcm(speech()))
             connection.input_audio_buffer.commit()
             connection.response.create()
@@ -60,7 +72,8 @@ def test_gradio_client_drives_a_full_turn(serve_model, serve_vocoder, monkeypatc
         demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
         client = Client(demo.local_url, verbose=False, download_files=str(tmp_path))
         text, units, speech_file, latency = client.predict(
-            handle_file(str(EXAMPLES / "tea.flac")), 0.0, 0.7, 12, 5, api_name="/respond")
+            handle_file(str(EXAMPLES / "tea.flac")), 0.0, 0.7, 12, 5, api_name="/respond"
+        )
     finally:
         demo.close()
         scheduler.stop()

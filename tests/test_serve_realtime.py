@@ -6,12 +6,23 @@ import time
 import numpy as np
 from fastapi.testclient import TestClient
 from serve_fixtures import (  # noqa: F401 (fixtures)
-    ask, client, make_app, one_thread, pcm, receive_until, serve_model, serve_vocoder, speech, tone,
+    ask,
+    client_fixture,
+    make_app_fixture,
+    one_thread_fixture,
+    pcm,
+    receive_until,
+    serve_model_fixture,
+    serve_vocoder_fixture,
+    speech,
+    tone,
 )
 
 
 def _audio(events, kind="response.output_audio.delta"):
-    chunks = [np.frombuffer(base64.b64decode(e["delta"]), "<i2") for e in events if e["type"] == kind]
+    chunks = [
+        np.frombuffer(base64.b64decode(e["delta"]), "<i2") for e in events if e["type"] == kind
+    ]
     return np.concatenate(chunks) if chunks else np.zeros(0)
 
 
@@ -38,8 +49,15 @@ def test_output_at_24k_is_the_16k_answer_resampled(client):
     def answer(rate):
         with client.websocket_connect("/v1/realtime") as ws:
             ws.receive_json()
-            ws.send_json({"type": "session.update", "session": {
-                "max_output_tokens": 8, "audio": {"output": {"format": {"type": "audio/pcm", "rate": rate}}}}})
+            ws.send_json(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "max_output_tokens": 8,
+                        "audio": {"output": {"format": {"type": "audio/pcm", "rate": rate}}},
+                    },
+                }
+            )
             assert ws.receive_json()["session"]["audio"]["output"]["format"]["rate"] == rate
             return ask(ws, tone())
 
@@ -57,7 +75,10 @@ def test_turns_build_on_the_conversation(client):
     """The second answer to the same question differs once the first turn is in the prompt."""
     with client.websocket_connect("/v1/realtime") as ws:
         ws.receive_json()
-        first, second = _text(ask(ws, tone(), max_output_tokens=6)), _text(ask(ws, tone(), max_output_tokens=6))
+        first, second = (
+            _text(ask(ws, tone(), max_output_tokens=6)),
+            _text(ask(ws, tone(), max_output_tokens=6)),
+        )
     with client.websocket_connect("/v1/realtime") as fresh:
         fresh.receive_json()
         again = _text(ask(fresh, tone(), max_output_tokens=6))
@@ -67,10 +88,19 @@ def test_turns_build_on_the_conversation(client):
 def test_text_only_session_sends_no_audio(client):
     with client.websocket_connect("/v1/realtime") as ws:
         ws.receive_json()
-        ws.send_json({"type": "session.update", "session": {"output_modalities": ["text"], "max_output_tokens": 5}})
+        ws.send_json(
+            {
+                "type": "session.update",
+                "session": {"output_modalities": ["text"], "max_output_tokens": 5},
+            }
+        )
         ws.receive_json()
         events = ask(ws, tone())
-    assert not [e for e in events if e["type"] in ("response.output_audio.delta", "response.output_units.delta")]
+    assert not [
+        e
+        for e in events
+        if e["type"] in ("response.output_audio.delta", "response.output_units.delta")
+    ]
     assert events[-1]["response"]["output"][0]["content"][0]["type"] == "output_text"
 
 
@@ -84,7 +114,10 @@ def test_cancel_stops_the_answer_and_the_session_goes_on(client):
         ws.send_json({"type": "response.cancel"})
         done = receive_until(ws, "response.done")[-1]["response"]
         assert done["status"] == "cancelled"
-        assert ask(ws, tone(), max_output_tokens=3)[-1]["response"]["status"] in ("completed", "incomplete")
+        assert ask(ws, tone(), max_output_tokens=3)[-1]["response"]["status"] in (
+            "completed",
+            "incomplete",
+        )
 
 
 def test_disconnect_mid_answer_frees_the_session_and_the_worker(client):
@@ -108,20 +141,33 @@ def test_server_vad_commits_answers_and_barge_in_cancels(client):
     question = np.concatenate([speech(), np.zeros(16000, np.float32)])
     with client.websocket_connect("/v1/realtime") as ws:
         ws.receive_json()
-        ws.send_json({"type": "session.update", "session": {
-            "max_output_tokens": 1000, "audio": {"input": {"turn_detection": {"type": "server_vad"}}}}})
-        assert ws.receive_json()["session"]["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+        ws.send_json(
+            {
+                "type": "session.update",
+                "session": {
+                    "max_output_tokens": 1000,
+                    "audio": {"input": {"turn_detection": {"type": "server_vad"}}},
+                },
+            }
+        )
+        assert (
+            ws.receive_json()["session"]["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+        )
         for piece in np.array_split(question, 20):  # 150 ms appends, like a microphone
             ws.send_json({"type": "input_audio_buffer.append", "audio": pcm(piece)})
         events = receive_until(ws, "response.created")
         kinds = [e["type"] for e in events]
-        assert kinds.index("input_audio_buffer.speech_started") < kinds.index("input_audio_buffer.speech_stopped")
+        assert kinds.index("input_audio_buffer.speech_started") < kinds.index(
+            "input_audio_buffer.speech_stopped"
+        )
         committed = next(e for e in events if e["type"] == "input_audio_buffer.committed")
         assert 1500 < committed["audio_ms"] < 3000  # the question, not the trailing silence
         ws.send_json({"type": "input_audio_buffer.append", "audio": pcm(speech("tea"))})  # barge in
         events = receive_until(ws, "response.done")
     kinds = [e["type"] for e in events]
-    assert kinds.index("input_audio_buffer.speech_started") < kinds.index("output_audio_buffer.cleared")
+    assert kinds.index("input_audio_buffer.speech_started") < kinds.index(
+        "output_audio_buffer.cleared"
+    )
     assert events[-1]["response"]["status"] == "cancelled"
     assert events[-1]["response"]["status_details"]["reason"] == "turn_detected"
 
@@ -134,8 +180,11 @@ def test_http_respond_streams_ndjson(client):
 
     body = io.BytesIO()
     sf.write(body, tone(), 16000, format="FLAC")
-    with client.stream("POST", "/v1/respond?max_new_tokens=6&sample_rate=24000",
-                       files={"file": ("q.flac", body.getvalue(), "audio/flac")}) as response:
+    with client.stream(
+        "POST",
+        "/v1/respond?max_new_tokens=6&sample_rate=24000",
+        files={"file": ("q.flac", body.getvalue(), "audio/flac")},
+    ) as response:
         assert response.status_code == 200
         lines = [json.loads(line) for line in response.iter_lines() if line]
     kinds = [e["type"] for e in lines]

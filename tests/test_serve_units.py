@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 from scipy.signal import resample_poly
-from serve_fixtures import one_thread, serve_model, serve_vocoder, tone  # noqa: F401 (fixtures)
+from serve_fixtures import (  # noqa: F401 (fixtures)
+    one_thread_fixture,
+    serve_model_fixture,
+    serve_vocoder_fixture,
+    tone,
+)
 
 from llama_omni.audio import AudioError
 from llama_omni.inference.engine import Engine, EngineOptions
@@ -47,8 +52,19 @@ def test_uploads_in_each_format(fmt, tmp_path):
         import subprocess
 
         sf.write(tmp_path / "q.wav", question, rate)
-        subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(tmp_path / "q.wav"), "-c:a", "libopus",
-                        str(tmp_path / "q.webm")], check=True)
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-loglevel",
+                "error",
+                "-i",
+                str(tmp_path / "q.wav"),
+                "-c:a",
+                "libopus",
+                str(tmp_path / "q.webm"),
+            ],
+            check=True,
+        )
         data = (tmp_path / "q.webm").read_bytes()
     else:
         out = io.BytesIO()
@@ -78,9 +94,16 @@ def _drain(events):
     return out
 
 
-def test_turns_of_different_sessions_share_a_batch_and_match_solo_answers(serve_model, serve_vocoder):
+def test_turns_of_different_sessions_share_a_batch_and_match_solo_answers(
+    serve_model, serve_vocoder
+):
     options = EngineOptions(max_new_tokens=6, chunk_size=4)
-    solo = [a.text for a in Engine(serve_model, serve_vocoder, options).answer([tone(1.0, hz) for hz in (200, 300)])]
+    solo = [
+        a.text
+        for a in Engine(serve_model, serve_vocoder, options).answer(
+            [tone(1.0, hz) for hz in (200, 300)]
+        )
+    ]
     scheduler = Scheduler(serve_model, serve_vocoder, max_batch=4)
     jobs = [_job(tone(1.0, hz), options) for hz in (200, 300)]
     for job, _ in jobs:
@@ -88,7 +111,7 @@ def test_turns_of_different_sessions_share_a_batch_and_match_solo_answers(serve_
     scheduler.start()  # both are queued before the worker looks: one batch
     try:
         answers = [Answer() for _ in jobs]
-        for answer, (_, events) in zip(answers, jobs):
+        for answer, (_, events) in zip(answers, jobs, strict=True):
             for event in _drain(events):
                 answer.add(event)
     finally:
@@ -122,6 +145,9 @@ def test_cli_help_lists_serve_and_gradio():
     from llama_omni.cli.main import app
 
     runner = CliRunner()
-    for command, words in (("serve", ["--host", "--api-key", "--max-sessions"]), ("gradio", ["--port"])):
+    for command, words in (
+        ("serve", ["--host", "--api-key", "--max-sessions"]),
+        ("gradio", ["--port"]),
+    ):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and all(w in result.output for w in words), result.output

@@ -37,9 +37,13 @@ def decode_upload(data: bytes, max_seconds: float) -> np.ndarray:
     except sf.SoundFileError:
         return check_length(_ffmpeg_decode(data, max_seconds), max_seconds)
     if info.samplerate < MIN_RATE:
-        raise AudioError(f"the file's sample rate is {info.samplerate} Hz; speech needs at least {MIN_RATE} Hz")
+        raise AudioError(
+            f"the file's sample rate is {info.samplerate} Hz; speech needs at least {MIN_RATE} Hz"
+        )
     if info.duration > max_seconds:
-        raise AudioError(f"the audio lasts {info.duration:.1f} s; this server accepts at most {max_seconds:g} s")
+        raise AudioError(
+            f"the audio lasts {info.duration:.1f} s; this server accepts at most {max_seconds:g} s"
+        )
     if info.format == "WAV":
         _check_wav_complete(data)
     return check_length(load_audio(data), max_seconds)
@@ -49,10 +53,13 @@ def check_length(audio: np.ndarray, max_seconds: float) -> np.ndarray:
     """`audio` (16 kHz) if it lasts between MIN_SECONDS and `max_seconds`, else AudioError."""
     if audio.size < MIN_SECONDS * SAMPLE_RATE:
         raise AudioError(
-            f"the audio lasts {audio.size / SAMPLE_RATE:.2f} s; ask a question of at least {MIN_SECONDS:g} s"
+            f"the audio lasts {audio.size / SAMPLE_RATE:.2f} s; "
+            f"ask a question of at least {MIN_SECONDS:g} s"
         )
     if audio.size > max_seconds * SAMPLE_RATE:
-        raise AudioError(f"the audio lasts longer than {max_seconds:g} s, the most this server accepts")
+        raise AudioError(
+            f"the audio lasts longer than {max_seconds:g} s, the most this server accepts"
+        )
     return audio
 
 
@@ -83,18 +90,37 @@ def _ffmpeg_decode(data: bytes, max_seconds: float) -> np.ndarray:
             "needs ffmpeg, which is not installed on the server (apt-get install ffmpeg)"
         )
     command = [
-        ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", "pipe:0",
+        ffmpeg,
+        "-nostdin",
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-i",
+        "pipe:0",
         # Decode a little past the limit so that too-long input is seen, not cut silently.
-        "-t", f"{max_seconds + 1:g}", "-vn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "pipe:1",
+        "-t",
+        f"{max_seconds + 1:g}",
+        "-vn",
+        "-ac",
+        "1",
+        "-ar",
+        str(SAMPLE_RATE),
+        "-f",
+        "f32le",
+        "pipe:1",
     ]
     try:
-        done = subprocess.run(command, input=data, capture_output=True, timeout=FFMPEG_TIMEOUT_S)
+        done = subprocess.run(
+            command, input=data, capture_output=True, timeout=FFMPEG_TIMEOUT_S, check=False
+        )
     except subprocess.TimeoutExpired as err:
         raise AudioError(f"decoding the upload took longer than {FFMPEG_TIMEOUT_S} s") from err
     if done.returncode != 0 or not done.stdout:
         reason = done.stderr.decode(errors="replace").strip().splitlines()
         reason = reason[-1].removeprefix("pipe:0: ") if reason else "ffmpeg found no audio stream"
-        raise AudioError(f"the upload is not a readable sound file (WAV, FLAC, OGG, MP3 or WebM): {reason}")
+        raise AudioError(
+            f"the upload is not a readable sound file (WAV, FLAC, OGG, MP3 or WebM): {reason}"
+        )
     return np.frombuffer(done.stdout, dtype="<f4").astype(np.float32)
 
 

@@ -12,7 +12,6 @@ import io
 import queue
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -54,7 +53,9 @@ def _answer(scheduler: Scheduler, wave: np.ndarray, settings: SessionSettings, h
                 chunk = _wav_bytes(event.audio, event.sample_rate)
                 latency = latency or f"first audio after {_ms_since(job.t_end):.0f} ms"
             elif isinstance(event, End):
-                latency = f"{latency or 'no audio'}; answer done after {_ms_since(job.t_end):.0f} ms"
+                latency = (
+                    f"{latency or 'no audio'}; answer done after {_ms_since(job.t_end):.0f} ms"
+                )
                 history.add(job.speech, text)
             yield text, " ".join(map(str, units)), chunk, latency, history
             if isinstance(event, End):
@@ -77,10 +78,14 @@ def build_demo(scheduler: Scheduler, limits: ServerLimits, title: str = "LLaMA-O
         try:
             wave = load_audio(audio_path)
             if wave.size > limits.max_audio_seconds * 16000:
-                raise AudioError(f"the question lasts over {limits.max_audio_seconds:g} s; ask a shorter one")
+                raise AudioError(
+                    f"the question lasts over {limits.max_audio_seconds:g} s; ask a shorter one"
+                )
             settings = SessionSettings(
-                temperature=float(temperature), top_p=float(top_p),
-                max_new_tokens=min(int(max_new_tokens), limits.max_new_tokens), chunk_size=int(chunk_size),
+                temperature=float(temperature),
+                top_p=float(top_p),
+                max_new_tokens=min(int(max_new_tokens), limits.max_new_tokens),
+                chunk_size=int(chunk_size),
             )
             yield from _answer(scheduler, wave, settings, history)
         except (AudioError, ValueError, QueueFull) as err:
@@ -91,31 +96,56 @@ def build_demo(scheduler: Scheduler, limits: ServerLimits, title: str = "LLaMA-O
         history = gr.State(None)
         with gr.Row():
             with gr.Column():
-                question = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Question")
-                temperature = gr.Slider(0, 1, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                question = gr.Audio(
+                    sources=["microphone", "upload"], type="filepath", label="Question"
+                )
+                temperature = gr.Slider(
+                    0, 1, value=0.0, step=0.05, label="Temperature (0 = greedy)"
+                )
                 top_p = gr.Slider(0.05, 1, value=0.7, step=0.05, label="Top-p")
-                max_new_tokens = gr.Slider(1, limits.max_new_tokens, value=min(512, limits.max_new_tokens),
-                                           step=1, label="Max new tokens")
-                chunk_size = gr.Slider(1, 200, value=40, step=1, label="Chunk size (units per vocoder call)")
+                max_new_tokens = gr.Slider(
+                    1,
+                    limits.max_new_tokens,
+                    value=min(512, limits.max_new_tokens),
+                    step=1,
+                    label="Max new tokens",
+                )
+                chunk_size = gr.Slider(
+                    1, 200, value=40, step=1, label="Chunk size (units per vocoder call)"
+                )
                 with gr.Row():
                     submit = gr.Button("Answer", variant="primary")
                     reset = gr.Button("New conversation")
             with gr.Column():
                 text = gr.Textbox(label="Answer (text)", lines=6)
                 units = gr.Textbox(label="Units", lines=3)
-                speech = gr.Audio(label="Answer (speech)", streaming=True, autoplay=True, interactive=False)
+                speech = gr.Audio(
+                    label="Answer (speech)", streaming=True, autoplay=True, interactive=False
+                )
                 latency = gr.Textbox(label="Latency")
         examples = sorted(EXAMPLES_DIR.glob("*.flac"))
         if examples:
             gr.Examples([[str(path)] for path in examples], inputs=[question])
-        submit.click(respond, [question, temperature, top_p, max_new_tokens, chunk_size, history],
-                     [text, units, speech, latency, history], api_name="respond")
-        reset.click(lambda: (None, "", "", ""), None, [history, text, units, latency], api_name="reset")
+        submit.click(
+            respond,
+            [question, temperature, top_p, max_new_tokens, chunk_size, history],
+            [text, units, speech, latency, history],
+            api_name="respond",
+        )
+        reset.click(
+            lambda: (None, "", "", ""), None, [history, text, units, latency], api_name="reset"
+        )
     return demo
 
 
-def launch(model: OmniModel, vocoder: UnitVocoder | None, host: str = "127.0.0.1", port: int = 7860,
-           title: str = "LLaMA-Omni", limits: ServerLimits | None = None) -> None:
+def launch(
+    model: OmniModel,
+    vocoder: UnitVocoder | None,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    title: str = "LLaMA-Omni",
+    limits: ServerLimits | None = None,
+) -> None:
     """Run the model worker and the Gradio server until interrupted."""
     from llama_omni.inference.engine import vocoder_mismatch
 

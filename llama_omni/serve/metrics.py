@@ -31,7 +31,10 @@ class Metrics:
         with self._lock:
             counts = dict(sorted(self.counts.items()))
             samples = {name: np.array(values) for name, values in self.samples.items()}
-        return {"counts": counts, "latency_ms": {name: percentiles(v) for name, v in samples.items()}}
+        return {
+            "counts": counts,
+            "latency_ms": {name: percentiles(v) for name, v in samples.items()},
+        }
 
 
 def percentiles(values: np.ndarray) -> dict:
@@ -39,6 +42,9 @@ def percentiles(values: np.ndarray) -> dict:
         return {"n": 0}
     p50, p90, p99 = np.percentile(values, [50, 90, 99])
     return {
-        "n": int(values.size), "p50": round(float(p50), 1), "p90": round(float(p90), 1),
-        "p99": round(float(p99), 1), "max": round(float(values.max()), 1),
+        "n": int(values.size),
+        "p50": round(float(p50), 1),
+        "p90": round(float(p90), 1),
+        "p99": round(float(p99), 1),
+        "max": round(float(values.max()), 1),
     }

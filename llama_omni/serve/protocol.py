@@ -21,6 +21,8 @@ import itertools
 import json
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
 from llama_omni.serve.sessions import SessionSettings, TurnDetection
 
 CLIENT_EVENTS = (
@@ -48,11 +50,15 @@ def parse_event(text: str | bytes) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ProtocolError(f"the message is not valid JSON ({err})", "invalid_json") from err
     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-        raise ProtocolError('a client event must be a JSON object with a string "type"', "invalid_event", "type")
+        raise ProtocolError(
+            'a client event must be a JSON object with a string "type"', "invalid_event", "type"
+        )
     if event["type"] not in CLIENT_EVENTS:
         raise ProtocolError(
-            f"unknown event type {event['type'][:80]!r}; this server accepts {', '.join(CLIENT_EVENTS)}",
-            "unknown_event", "type",
+            f"unknown event type {event['type'][:80]!r}; "
+            f"this server accepts {', '.join(CLIENT_EVENTS)}",
+            "unknown_event",
+            "type",
         )
     return event
 
@@ -70,8 +76,15 @@ def _get(session: dict, path: str) -> Any:
 
 
 def _number(value: Any, param: str, kind: type = float) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise ProtocolError(f"{param} must be {'an integer' if kind is int else 'a number'}, got {value!r}", param=param)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not isinstance(value, int))
+    ):
+        raise ProtocolError(
+            f"{param} must be {'an integer' if kind is int else 'a number'}, got {value!r}",
+            param=param,
+        )
     return kind(value)
 
 
@@ -79,7 +92,9 @@ def _rate(fmt: Any, param: str) -> int | None:
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type", "audio/pcm") != "audio/pcm":
-        raise ProtocolError(f'{param}: only {{"type": "audio/pcm"}} (16-bit PCM) is supported', param=param)
+        raise ProtocolError(
+            f'{param}: only {{"type": "audio/pcm"}} (16-bit PCM) is supported', param=param
+        )
     return None if fmt.get("rate") is None else _number(fmt["rate"], f"{param}.rate", int)
 
 
@@ -93,10 +108,16 @@ def session_changes(session: Any, current: SessionSettings) -> SessionSettings:
             changes[field] = _number(session[param], f"session.{param}")
     if "chunk_size" in session:
         omega = session["chunk_size"]
-        changes["chunk_size"] = None if omega in (None, "inf") else _number(omega, "session.chunk_size", int)
+        changes["chunk_size"] = (
+            None if omega in (None, "inf") else _number(omega, "session.chunk_size", int)
+        )
     if session.get("max_output_tokens") is not None:
         limit = session["max_output_tokens"]
-        changes["max_new_tokens"] = current.max_new_tokens if limit == "inf" else _number(limit, "session.max_output_tokens", int)
+        changes["max_new_tokens"] = (
+            current.max_new_tokens
+            if limit == "inf"
+            else _number(limit, "session.max_output_tokens", int)
+        )
     if session.get("output_modalities") is not None:
         changes["audio"] = _modalities(session["output_modalities"], "session.output_modalities")
     rates = {"input_rate": "audio.input.format", "output_rate": "audio.output.format"}
@@ -125,7 +146,9 @@ def _turn_detection(value: Any) -> TurnDetection | None:
         return None
     param = "session.audio.input.turn_detection"
     if not isinstance(value, dict) or value.get("type", "server_vad") != "server_vad":
-        raise ProtocolError(f'{param}: only null or {{"type": "server_vad", ...}} are supported', param=param)
+        raise ProtocolError(
+            f'{param}: only null or {{"type": "server_vad", ...}} are supported', param=param
+        )
     fields = {
         "threshold": ("threshold", float),
         "silence_duration_ms": ("silence_ms", int),
@@ -133,12 +156,15 @@ def _turn_detection(value: Any) -> TurnDetection | None:
     }
     kwargs: dict[str, Any] = {
         name: _number(value[key], f"{param}.{key}", kind)
-        for key, (name, kind) in fields.items() if value.get(key) is not None
+        for key, (name, kind) in fields.items()
+        if value.get(key) is not None
     }
     for flag in ("create_response", "interrupt_response"):
         if value.get(flag) is not None:
             if not isinstance(value[flag], bool):
-                raise ProtocolError(f"{param}.{flag} must be true or false", param=f"{param}.{flag}")
+                raise ProtocolError(
+                    f"{param}.{flag} must be true or false", param=f"{param}.{flag}"
+                )
             kwargs[flag] = value[flag]
     try:
         return TurnDetection(**kwargs)
@@ -173,7 +199,9 @@ def session_object(session_id: str, settings: SessionSettings) -> dict[str, Any]
         "audio": {
             "input": {
                 "format": {"type": "audio/pcm", "rate": settings.input_rate},
-                "turn_detection": None if vad is None else {
+                "turn_detection": None
+                if vad is None
+                else {
                     "type": "server_vad",
                     "threshold": vad.threshold,
                     "silence_duration_ms": vad.silence_ms,
@@ -197,13 +225,29 @@ class EventIds:
         return f"{prefix}_{next(self._serial)}"
 
 
-def error_event(event_id: str, err: ProtocolError | str, code: str = "invalid_value",
-                client_event_id: str | None = None, kind: str = "invalid_request_error") -> dict[str, Any]:
+def error_event(
+    event_id: str,
+    err: ProtocolError | str,
+    code: str = "invalid_value",
+    client_event_id: str | None = None,
+    kind: str = "invalid_request_error",
+) -> dict[str, Any]:
     message = str(err)
     param = getattr(err, "param", None)
     code = getattr(err, "code", code)
     return {
         "type": "error",
         "event_id": event_id,
-        "error": {"type": kind, "code": code, "message": message, "param": param, "event_id": client_event_id},
+        "error": {
+            "type": kind,
+            "code": code,
+            "message": message,
+            "param": param,
+            "event_id": client_event_id,
+        },
     }
+
+
+def http_error(status: int, code: str, message: str) -> JSONResponse:
+    """An HTTP error response: {"error": {"code", "message"}}."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)

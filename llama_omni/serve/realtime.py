@@ -21,7 +21,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from llama_omni.audio import SAMPLE_RATE
 from llama_omni.serve.audio_io import pcm16_decode
 from llama_omni.serve.protocol import (
-    EventIds, ProtocolError, error_event, parse_event, response_overrides, session_changes, session_object,
+    EventIds,
+    ProtocolError,
+    error_event,
+    parse_event,
+    response_overrides,
+    session_changes,
+    session_object,
 )
 from llama_omni.serve.responses import ResponseOutput, final_status
 from llama_omni.serve.scheduler import Job, QueueFull
@@ -59,7 +65,9 @@ class RealtimeConnection:
     def send(self, event: dict[str, Any]) -> None:
         self._outbox.put_nowait({"event_id": self.ids("event"), **event})
 
-    def error(self, err: Exception | str, code: str = "invalid_value", client_event_id: str | None = None) -> None:
+    def error(
+        self, err: Exception | str, code: str = "invalid_value", client_event_id: str | None = None
+    ) -> None:
         self.server.metrics.count(f"errors.{getattr(err, 'code', code)}")
         self.send(error_event(self.ids("event"), err, code, client_event_id))
 
@@ -70,13 +78,22 @@ class RealtimeConnection:
     # -- the read loop ---------------------------------------------------------------------
     async def run(self) -> None:
         writer = asyncio.create_task(self._write())
-        self.send({"type": "session.created", "session": session_object(self.session.id, self.session.settings)})
+        self.send(
+            {
+                "type": "session.created",
+                "session": session_object(self.session.id, self.session.settings),
+            }
+        )
         try:
             while not writer.done():
                 message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
                     break
-                self.handle(message.get("text") if message.get("text") is not None else message.get("bytes") or b"")
+                self.handle(
+                    message.get("text")
+                    if message.get("text") is not None
+                    else message.get("bytes") or b""
+                )
         except WebSocketDisconnect:
             pass
         finally:
@@ -89,8 +106,11 @@ class RealtimeConnection:
         """Act on one client message; any problem with it becomes an error event."""
         limit = self.server.limits.max_message_bytes
         if len(data) > limit:
-            self.error(f"the message has {len(data)} bytes; the limit is {limit} (send audio in smaller appends)",
-                       "message_too_large")
+            self.error(
+                f"the message has {len(data)} bytes; the limit is {limit} "
+                "(send audio in smaller appends)",
+                "message_too_large",
+            )
             return
         event_id = None
         try:
@@ -139,7 +159,9 @@ class RealtimeConnection:
 
     def on_response_cancel(self, event: dict) -> None:
         if self.answer is None:
-            raise ProtocolError("there is no response in progress to cancel", "response_cancel_not_active")
+            raise ProtocolError(
+                "there is no response in progress to cancel", "response_cancel_not_active"
+            )
         self._cancel_answer(notify=True, reason="client_cancelled")
 
     # -- turns -----------------------------------------------------------------------------
@@ -147,8 +169,14 @@ class RealtimeConnection:
         item = self._item or self.ids("item")
         self._item = None
         self._restart_detection()
-        self.send({"type": "input_audio_buffer.committed", "item_id": item, "previous_item_id": None,
-                   "audio_ms": round(audio.size * 1000 / SAMPLE_RATE)})
+        self.send(
+            {
+                "type": "input_audio_buffer.committed",
+                "item_id": item,
+                "previous_item_id": None,
+                "audio_ms": round(audio.size * 1000 / SAMPLE_RATE),
+            }
+        )
 
     def _restart_detection(self) -> None:
         """After a commit or clear the buffer is empty: it starts where the detector is."""
@@ -160,11 +188,23 @@ class RealtimeConnection:
             if edge.kind == "start":
                 self._speech_start = edge.sample
                 self._item = self.ids("item")
-                self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": edge.ms, "item_id": self._item})
+                self.send(
+                    {
+                        "type": "input_audio_buffer.speech_started",
+                        "audio_start_ms": edge.ms,
+                        "item_id": self._item,
+                    }
+                )
                 if self.answer is not None and self.detector.settings.interrupt_response:
                     self._cancel_answer(notify=True, reason="turn_detected")
             elif self._speech_start is not None:
-                self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": edge.ms, "item_id": self._item})
+                self.send(
+                    {
+                        "type": "input_audio_buffer.speech_stopped",
+                        "audio_end_ms": edge.ms,
+                        "item_id": self._item,
+                    }
+                )
                 start = max(0, self._speech_start - self._origin)
                 turn = self.session.buffer.take()[start : edge.sample - self._origin]
                 if turn.size:
@@ -179,23 +219,39 @@ class RealtimeConnection:
     # -- answers ---------------------------------------------------------------------------
     def _start_answer(self, settings: SessionSettings) -> None:
         if self.answer is not None:
-            raise ProtocolError("a response is already in progress; cancel it first",
-                                "conversation_already_has_active_response")
+            raise ProtocolError(
+                "a response is already in progress; cancel it first",
+                "conversation_already_has_active_response",
+            )
         if self.session.pending is None:
-            raise ProtocolError("there is no committed user audio to answer: append audio, then commit",
-                                "input_audio_buffer_empty")
+            raise ProtocolError(
+                "there is no committed user audio to answer: append audio, then commit",
+                "input_audio_buffer_empty",
+            )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(self.session.pending, self.session.history, settings.engine_options(),
-                  emit=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        job = Job(
+            self.session.pending,
+            self.session.history,
+            settings.engine_options(),
+            emit=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+        )
         output = ResponseOutput(self.ids("resp"), self.ids("item"), settings.output_rate, job.t_end)
         self.server.scheduler.submit(job)
         self.session.pending = None
         answer = self.answer = Answer(job, output, settings)
-        self.send({"type": "response.created", "response": {
-            "id": output.response_id, "object": "realtime.response", "status": "in_progress",
-            "output_modalities": ["audio"] if settings.audio else ["text"], "output": [],
-        }})
+        self.send(
+            {
+                "type": "response.created",
+                "response": {
+                    "id": output.response_id,
+                    "object": "realtime.response",
+                    "status": "in_progress",
+                    "output_modalities": ["audio"] if settings.audio else ["text"],
+                    "output": [],
+                },
+            }
+        )
         answer.task = asyncio.create_task(self._stream(answer, events))
 
     async def _stream(self, answer: Answer, events: asyncio.Queue) -> None:
@@ -227,9 +283,13 @@ class RealtimeConnection:
             answer.task.cancel()
         if notify:
             if reason == "turn_detected":  # barge-in: the client should stop playing at once
-                self.send({"type": "output_audio_buffer.cleared", "response_id": answer.output.response_id})
+                self.send(
+                    {
+                        "type": "output_audio_buffer.cleared",
+                        "response_id": answer.output.response_id,
+                    }
+                )
             self._finish(answer, "cancelled", reason)
         else:
             answer.output.record(self.server.metrics, "cancelled")
             answer.done, self.answer = True, None
-

@@ -37,8 +37,12 @@ class ResponseOutput:
 
     def _delta(self, kind: str, **fields) -> dict[str, Any]:
         return {
-            "type": f"response.{kind}.delta", "response_id": self.response_id,
-            "item_id": self.item_id, "output_index": 0, "content_index": 0, **fields,
+            "type": f"response.{kind}.delta",
+            "response_id": self.response_id,
+            "item_id": self.item_id,
+            "output_index": 0,
+            "content_index": 0,
+            **fields,
         }
 
     def convert(self, event: JobEvent) -> list[dict[str, Any]]:
@@ -66,7 +70,9 @@ class ResponseOutput:
         if self.first_audio_ms is None:
             self.first_audio_ms = self._ms()
         self.audio_samples += audio.size
-        return [self._delta("output_audio", delta=pcm16_encode(audio), sample_rate=self.output_rate)]
+        return [
+            self._delta("output_audio", delta=pcm16_encode(audio), sample_rate=self.output_rate)
+        ]
 
     @property
     def finished(self) -> bool:
@@ -79,7 +85,11 @@ class ResponseOutput:
             details = {"type": status, "reason": reason}
             if self.failure is not None:
                 details["error"] = {"code": self.failure.code, "message": self.failure.message}
-        part = {"type": "output_audio", "transcript": self.text} if audio else {"type": "output_text", "text": self.text}
+        part = (
+            {"type": "output_audio", "transcript": self.text}
+            if audio
+            else {"type": "output_text", "text": self.text}
+        )
         return {
             "type": "response.done",
             "response": {
@@ -88,13 +98,20 @@ class ResponseOutput:
                 "status": status,
                 "status_details": details,
                 "output_modalities": ["audio"] if audio else ["text"],
-                "output": [{
-                    "id": self.item_id, "object": "realtime.item", "type": "message",
-                    "role": "assistant", "status": "completed" if status == "completed" else "incomplete",
-                    "content": [part],
-                }],
+                "output": [
+                    {
+                        "id": self.item_id,
+                        "object": "realtime.item",
+                        "type": "message",
+                        "role": "assistant",
+                        "status": "completed" if status == "completed" else "incomplete",
+                        "content": [part],
+                    }
+                ],
                 "latency_ms": {
-                    "first_text": self.first_text_ms, "first_audio": self.first_audio_ms, "total": self.total_ms,
+                    "first_text": self.first_text_ms,
+                    "first_audio": self.first_audio_ms,
+                    "total": self.total_ms,
                 },
                 "units": self.units,
                 "audio_seconds": round(self.audio_samples / self.output_rate, 3),

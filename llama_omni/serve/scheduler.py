@@ -5,9 +5,10 @@ Sessions submit `Job`s into a bounded queue (full: `QueueFull`, which clients se
 decoding options (up to max_batch) and decodes them as one batch in the engine; jobs
 that arrive meanwhile form the next batch. The engine cannot add rows to a running
 batch, so the worker waits up to `gather_ms` after a job's arrival for others: the
-sessions of one batch all finish together and send their next turns moments apart. Events go to each job's `emit` callback from
-the worker thread. A cancelled job gets no more events; its row stops costing anything
-once the whole batch is cancelled (a batch is not split mid-answer).
+sessions of one batch all finish together and send their next turns moments apart.
+Events go to each job's `emit` callback from the worker thread. A cancelled job gets no
+more events; its row stops costing anything once the whole batch is cancelled (a batch
+is not split mid-answer).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 from llama_omni.inference.engine import Engine, EngineOptions
-from llama_omni.inference.events import AudioChunk, End, Event, TextDelta, Units
+from llama_omni.inference.events import AudioChunk, End, TextDelta, Units
 from llama_omni.model.omni import OmniModel
 from llama_omni.model.vocoder import UnitVocoder
 from llama_omni.serve.sessions import History
@@ -110,7 +111,9 @@ class Scheduler:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"the server is busy: {len(self._pending)} turns are waiting; try again shortly")
+                raise QueueFull(
+                    f"the server is busy: {len(self._pending)} turns are waiting; try again shortly"
+                )
             job.submitted = time.perf_counter()
             self._pending.append(job)
             self._wake.notify()
@@ -147,7 +150,9 @@ class Scheduler:
             except Exception as err:  # a bug must not kill the worker: fail the batch, go on
                 log.exception("decoding a batch failed")
                 for job in batch:
-                    job.emit(Failure("server_error", f"decoding failed: {type(err).__name__}: {err}"))
+                    job.emit(
+                        Failure("server_error", f"decoding failed: {type(err).__name__}: {err}")
+                    )
             finally:
                 self.active = 0
 
@@ -166,7 +171,9 @@ class Scheduler:
         for job in jobs:  # one at a time, so that a bad input fails only its own job
             try:
                 job.speech = engine.encode([job.audio])[0]
-                requests.append(job.history.request(self.model, job.speech, job.options.max_new_tokens))
+                requests.append(
+                    job.history.request(self.model, job.speech, job.options.max_new_tokens)
+                )
                 ready.append(job)
             except ValueError as err:  # AudioError, or the front end refusing a too-short input
                 job.emit(Failure("invalid_audio", str(err)))

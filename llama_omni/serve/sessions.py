@@ -57,8 +57,14 @@ class TurnDetection:
 
     def __post_init__(self) -> None:
         require(0 < self.threshold < 1, f"threshold must lie in (0, 1), got {self.threshold}")
-        require(32 <= self.silence_ms <= 10000, f"silence_duration_ms must lie in [32, 10000], got {self.silence_ms}")
-        require(0 <= self.prefix_padding_ms <= 5000, f"prefix_padding_ms must lie in [0, 5000], got {self.prefix_padding_ms}")
+        require(
+            32 <= self.silence_ms <= 10000,
+            f"silence_duration_ms must lie in [32, 10000], got {self.silence_ms}",
+        )
+        require(
+            0 <= self.prefix_padding_ms <= 5000,
+            f"prefix_padding_ms must lie in [0, 5000], got {self.prefix_padding_ms}",
+        )
 
 
 @dataclass(frozen=True)
@@ -174,7 +180,9 @@ class InputBuffer:
 class Session:
     """One client's state. `pending` is committed audio not answered yet (16 kHz)."""
 
-    def __init__(self, session_id: str, limits: ServerLimits, settings: SessionSettings | None = None):
+    def __init__(
+        self, session_id: str, limits: ServerLimits, settings: SessionSettings | None = None
+    ):
         self.id = session_id
         self.limits = limits
         self.settings = settings or SessionSettings()
@@ -216,7 +224,10 @@ class SessionRegistry:
 
     def open(self) -> Session:
         if len(self.sessions) >= self.limits.max_sessions:
-            raise SessionLimit(f"the server already has {len(self.sessions)} sessions open (its limit); try again later")
+            raise SessionLimit(
+                f"the server already has {len(self.sessions)} sessions open (its limit); "
+                "try again later"
+            )
         session_id = f"sess_{next(self._serial)}_{secrets.token_hex(4)}"
         session = self.sessions[session_id] = Session(session_id, self.limits)
         return session

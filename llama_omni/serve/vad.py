@@ -27,7 +27,9 @@ def _silero():
     try:
         import silero_vad
     except ImportError as err:
-        raise RuntimeError("server-side turn detection needs silero-vad: pip install silero-vad==6.2.3") from err
+        raise RuntimeError(
+            "server-side turn detection needs silero-vad: pip install silero-vad==6.2.3"
+        ) from err
     finally:
         torch.set_num_threads(threads)
     return silero_vad
