@@ -37,20 +37,20 @@ def export_checkpoint(
 ) -> Path:
     """Write `model` to `directory`; merging LoRA folds it into `model` in place."""
     directory = Path(directory)
-    lora = has_lora(model)
-    if lora and merge:
+    unmerged = has_lora(model) and not merge
+    if has_lora(model) and merge:
         merge_lora(model)
     source = model.config.llm.source
-    if lora and not merge:
-        source = str(resolve_source(source, base_dir).resolve())
-    elif llm_trained:
+    if llm_trained and not unmerged:
         source = EMBEDDED_SOURCE
-    elif source != EMBEDDED_SOURCE and source not in PACKAGED_LLMS:
+    elif source in PACKAGED_LLMS or (source == EMBEDDED_SOURCE and not unmerged):
+        pass  # still valid as it is: a packaged name, or the copy save_checkpoint writes
+    else:  # a path (relative to where this model came from) or the base under a LoRA
         source = str(resolve_source(source, base_dir).resolve())
     config = model.config.replace(llm=model.config.llm.replace(source=source))
     view = OmniModel(config, model.encoder, model.llm, model.adaptor, model.speech_decoder)
     save_checkpoint(view, directory)
-    if lora and not merge:
+    if unmerged:
         model.llm.model.save_pretrained(directory / LORA_DIR)
     return directory
 
