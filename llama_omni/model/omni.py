@@ -73,7 +73,7 @@ class OmniConfig(ConfigBase):
                 ),
                 speech_decoder=SpeechDecoderConfig(
                     input_width=576, n_layers=2, width=512, n_heads=8, ffn=1536,
-                    upsample=25, unit_vocab=1000, rope_theta=100000.0,
+                    upsample=25, unit_vocab=500, rope_theta=100000.0,
                 ),
                 encoder_source="packaged:whisper-base",
             )
