@@ -92,8 +92,16 @@ def build_stage(config: TrainConfig, model: OmniModel) -> StageData:
     heldout = {c.id for c in eval_items}
     split = ([e for e in examples if e.id not in heldout], [e for e in examples if e.id in heldout])
     if config.stage == "stage1":
-        return _stage1(model, features, *split)
-    return _stage2(model, config, features, *split, train_items + eval_items, processes)
+        stage = _stage1(model, features, *split)
+        frozen = [model.encoder, model.speech_decoder]
+    else:
+        stage = _stage2(model, config, features, *split, train_items + eval_items, processes)
+        frozen = [model.encoder, model.adaptor, model.llm]
+    # Parts whose outputs are cached wait on the CPU (for the export) instead of holding
+    # accelerator memory: an 8B LLM would otherwise sit idle on every GPU during stage 2.
+    for module in frozen:
+        module.to("cpu")
+    return stage
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
