@@ -117,3 +117,29 @@ def test_resume_from_a_checkpoint_equals_uninterrupted(tmp_path, small_llm_dir, 
     assert losses[0] == losses[1]
     exported = export_run(run, tmp_path / "exported")  # `llama-omni train export`: the latest
     assert_same_weights(run, exported.parent, final=exported.name)
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_resume(tmp_path, small_llm_dir):
+    """DDP over gloo with two CPU processes: sharded caching, accumulation, resume."""
+    data = write_manifest(tmp_path / "data", items=4)
+    run = tmp_path / "run"
+
+    def command(steps: int) -> list[str]:
+        return [
+            str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(CLI),
+            "train", "stage1", str(REPO / "configs/train/tiny-stage1.yaml"), "--data", str(data),
+            "--output-dir", str(run), "--tuning", "lora", "--max-steps", str(steps),
+            "--batch-size", "4", "--set", f"model.base_dir={small_llm_dir}",
+            "--set", "model.overrides.llm.prompt_style=chat-template",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}",
+        ]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    for steps in (4, 6):
+        result = subprocess.run(command(steps), env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    events = logged_steps(run)
+    assert [e["processes"] for e in events if e.get("event") == "start"] == [2, 2]
+    assert next(e for e in events if e.get("event") == "resume")["step"] == 4
+    assert (run / "checkpoints/step-00000006/random_states_1.pkl").is_file()
