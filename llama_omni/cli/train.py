@@ -1,4 +1,5 @@
-"""`llama-omni train stage1|stage2|export`: the two training stages and checkpoint export.
+"""`llama-omni train stage1|stage2|export|heldout`: the two training stages, export of a
+training checkpoint, and held-out scoring of a model (before / after).
 
 Every config field can be set from the command line with `--set key.path=value`
 (repeatable; values are YAML scalars), and the common ones have typed options. On
@@ -16,7 +17,7 @@ import typer
 
 train_app = typer.Typer(
     name="train",
-    help="Train LLaMA-Omni: stage 1 (speech -> text), stage 2 (speech decoder), export.",
+    help="Train LLaMA-Omni: stage 1 (speech -> text), stage 2 (speech decoder), export, heldout.",
     no_args_is_help=True,
 )
 
