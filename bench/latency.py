@@ -5,8 +5,9 @@
 
 Model: --model, else the installed default model, else the "small" preset built untrained
 (packaged Whisper base + packaged SmolLM2-135M-Instruct + random adaptor and speech
-decoder), which is good for timing only. Vocoder: --vocoder, else the model's, else the
-packaged default voice, else a random one for the model's units. Questions: --audio
+decoder, with the unit vocabulary of the vocoder below), which is good for timing only.
+Vocoder: --vocoder, else the model's, else the packaged default voice, else a random one
+for the model's units. Questions: --audio
 files, else a few questions synthesized now (hibari, else espeak-ng).
 
 Every answer has the same fixed length (--answer-tokens, stop tokens ignored), so runs
@@ -49,8 +50,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, model_label, model_dir = load_system_model(args.model)
-    vocoder, vocoder_label = load_system_vocoder(model, model_dir, args.vocoder)
+    model, vocoder, model_label, vocoder_label = load_system(args.model, args.vocoder)
     audios = [load_audio(p) for p in args.audio] if args.audio else synthesize(QUESTIONS)
     runs = run_all(model, vocoder, audios, args.repeats, args.answer_tokens)
     report = {
@@ -129,28 +129,36 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def load_system_model(path: Path | None) -> tuple[OmniModel, str, Path | None]:
-    path = path or default_model_dir()
-    if path is not None:
-        return load_model(path).eval(), str(path), path
-    model = OmniModel.initialize(OmniConfig.preset("small")).eval()
-    return model, "small (untrained adaptor/decoder: timing only)", None
+def load_system(model_path: Path | None, vocoder_path: Path | None):
+    """(model, vocoder, model label, vocoder label); see the module doc for the fallbacks."""
+    model_dir = model_path or default_model_dir()
+    model = load_model(model_dir).eval() if model_dir is not None else None
+    vocoder = model_vocoder(model, model_dir, vocoder_path) if model is not None else None
+    vocoder_label = str(vocoder_path or (model and model.config.vocoder_source))
+    if vocoder is None and (vocoder_path or DEFAULT_VOCODER_DIR.is_dir()):
+        vocoder_path = vocoder_path or DEFAULT_VOCODER_DIR
+        vocoder, vocoder_label = load_vocoder(vocoder_path), str(vocoder_path)
+    model_label = str(model_dir)
+    if model is None:
+        config = OmniConfig.preset("small")
+        if vocoder is not None:  # untrained anyway: speak the vocoder's units
+            decoder = config.speech_decoder.replace(unit_vocab=vocoder.config.num_units)
+            config = config.replace(speech_decoder=decoder)
+        model = OmniModel.initialize(config).eval()
+        model_label = "small (untrained adaptor/decoder: timing only)"
+    if vocoder is None:
+        vocoder, vocoder_label = random_vocoder(model.config.speech_decoder.unit_vocab)
+    problem = vocoder_mismatch(model, vocoder)
+    if problem is not None:
+        sys.exit(f"bench/latency.py: {problem}")
+    return model, vocoder, model_label, vocoder_label
 
 
-def load_system_vocoder(model: OmniModel, model_dir: Path | None, path: Path | None):
-    vocoder = model_vocoder(model, model_dir, path)
-    if vocoder is None and DEFAULT_VOCODER_DIR.is_dir():
-        vocoder, path = load_vocoder(DEFAULT_VOCODER_DIR), DEFAULT_VOCODER_DIR
-    if vocoder is not None:
-        problem = vocoder_mismatch(model, vocoder)
-        if problem is not None:
-            sys.exit(f"bench/latency.py: {problem}")
-        return vocoder, str(path or model.config.vocoder_source)
+def random_vocoder(units: int) -> tuple[UnitVocoder, str]:
     try:
         config, name = VocoderConfig.preset("istft-256"), "istft-256"  # the default voice's size
     except ValueError:
         config, name = VocoderConfig(), "codehifigan-1000"
-    units = model.config.speech_decoder.unit_vocab
     vocoder = UnitVocoder(config.replace(num_units=units)).eval()
     return vocoder, f"random {name} with {units} units (timing only)"
 

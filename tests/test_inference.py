@@ -170,6 +170,8 @@ def test_conversation_equals_the_full_prompt_built_from_scratch(tiny_omni):
     first, second = tone(0.8, 220), tone(0.6, 440, seed=1)
     conversation = Conversation(engine(tiny_omni))
     answers = [collect(conversation.ask(a), 1)[0] for a in (first, second)]
+    first_prompt = tiny_omni.prompt_ids([Turn.user()])
+    assert conversation.reused >= len(first_prompt)  # the first turn came from the cache
     speech = tiny_omni.encode_speech([first, second])
     turns = [Turn.user(), Turn.assistant(conversation.exchanges[0].answer), Turn.user()]
     prompt = tiny_omni.prompt_ids(turns)

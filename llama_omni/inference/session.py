@@ -49,10 +49,11 @@ class Conversation:
         self._uids = itertools.count()
         self._cache = None
         self._cached: list[PositionKey] = []  # what each cached position holds
+        self.reused = 0  # positions the last turn took from the cache instead of prefilling
 
     def reset(self) -> None:
         """Forget every turn and the cache."""
-        self.exchanges, self._cache, self._cached = [], None, []
+        self.exchanges, self._cache, self._cached, self.reused = [], None, [], 0
 
     def prompt(self, speech: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
         """(prompt ids, speech segments) of the kept exchanges followed by a new user turn."""
@@ -73,6 +74,7 @@ class Conversation:
         # Keep at least one position to feed: its output chooses the first answer token.
         keep = min(_common_prefix(self._cached, keys), len(keys) - 1)
         cache = self._cut_cache(keep)
+        self.reused = keep if cache is not None else 0
         llm = self.engine.model.llm
         embeds, mask, _ = llm.embed_prompt([ids], segments)  # [1, L, D], [1, L]
         positions = torch.arange(keep, len(keys), device=mask.device)[None]  # [1, L - keep]
