@@ -151,3 +151,44 @@ def test_cli_help_lists_serve_and_gradio():
     ):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and all(w in result.output for w in words), result.output
+
+
+def test_batched_multi_turn_with_session_caches_matches_conversations(serve_model, serve_vocoder):
+    """Two sessions, two turns each, decoded together with their caches reused, give the
+    answers that each conversation gives alone (inference/session.py, greedy)."""
+    from llama_omni.inference.session import Conversation
+
+    options = EngineOptions(max_new_tokens=5, chunk_size=3)
+    questions = [[tone(0.6, 200), tone(0.8, 500)], [tone(0.7, 300), tone(0.5, 700)]]
+    alone = []
+    for turns in questions:
+        conversation = Conversation(Engine(serve_model, serve_vocoder, options))
+        answers = []
+        for audio in turns:
+            answer = Answer()
+            for event in conversation.ask(audio):
+                answer.add(event)
+            answers.append(answer.text)
+        alone.append(answers)
+    scheduler = Scheduler(serve_model, serve_vocoder, max_batch=2)
+    histories = [History(4), History(4)]
+    together = [[], []]
+    scheduler.start()
+    try:
+        for turn in range(2):
+            jobs = [_job(questions[s][turn], options, histories[s]) for s in range(2)]
+            for job, _ in jobs:
+                scheduler.submit(job)
+            for s, (job, events) in enumerate(jobs):
+                answer = Answer()
+                for event in _drain(events):
+                    answer.add(event)
+                together[s].append(answer.text)
+                histories[s].add(job.speech, answer.text, job.cache_slot)
+    finally:
+        scheduler.stop()
+    assert together == alone
+    assert scheduler.batched_jobs == 4
+    assert scheduler.positions_reused > scheduler.positions_fed / 2  # turn 2 reused turn 1
+    cache = histories[0].cache
+    assert cache is not None and len(cache.keys) == cache.layers[0][0].shape[1]

@@ -153,6 +153,10 @@ def create_app(
             **server.health(),
             "batches": server.scheduler.batches,
             "batched_turns": server.scheduler.batched_jobs,
+            "prompt_positions": {
+                "reused": server.scheduler.positions_reused,
+                "fed": server.scheduler.positions_fed,
+            },
         }
 
     @app.get("/v1/examples")

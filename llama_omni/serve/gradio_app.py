@@ -56,7 +56,7 @@ def _answer(scheduler: Scheduler, wave: np.ndarray, settings: SessionSettings, h
                 latency = (
                     f"{latency or 'no audio'}; answer done after {_ms_since(job.t_end):.0f} ms"
                 )
-                history.add(job.speech, text)
+                history.add(job.speech, text, job.cache_slot)
             yield text, " ".join(map(str, units)), chunk, latency, history
             if isinstance(event, End):
                 return

@@ -262,7 +262,7 @@ class RealtimeConnection:
         if output.failure is not None:
             self.error(output.failure.message, output.failure.code)
         elif answer.job.speech is not None:
-            self.session.history.add(answer.job.speech, output.text)
+            self.session.history.add(answer.job.speech, output.text, answer.job.cache_slot)
         self._finish(answer, final_status(output))
 
     def _finish(self, answer: Answer, status: str, reason: str | None = None) -> None:

@@ -17,16 +17,17 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from llama_omni.inference.engine import Engine, EngineOptions
-from llama_omni.inference.events import AudioChunk, End, TextDelta, Units
+from llama_omni.inference.engine import Decoded, Engine, EngineOptions
+from llama_omni.inference.events import AudioChunk, Clock, End, TextDelta, Units
 from llama_omni.model.omni import OmniModel
 from llama_omni.model.vocoder import UnitVocoder
+from llama_omni.serve.kvcache import CacheSlot, build_batch, split_row
 from llama_omni.serve.sessions import History
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Job:
     t_end: float = field(default_factory=time.perf_counter)
     submitted: float = 0.0  # perf_counter() time it entered the queue
     speech: torch.Tensor | None = None  # [N, D] set once encoded (for the session's history)
+    cache_slot: CacheSlot = field(default_factory=CacheSlot)  # set once the batch is decoded
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -84,6 +86,8 @@ class Scheduler:
         self.active = 0  # jobs in the batch being decoded
         self.batches = 0
         self.batched_jobs = 0
+        self.positions_reused = 0  # prompt positions found in the sessions' caches
+        self.positions_fed = 0  # prompt positions computed
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -167,11 +171,11 @@ class Scheduler:
         if not jobs:
             return
         engine = self._engine(jobs[0].options)
-        requests, ready = [], []
+        prompts, ready = [], []
         for job in jobs:  # one at a time, so that a bad input fails only its own job
             try:
                 job.speech = engine.encode([job.audio])[0]
-                requests.append(
+                prompts.append(
                     job.history.request(self.model, job.speech, job.options.max_new_tokens)
                 )
                 ready.append(job)
@@ -181,13 +185,37 @@ class Scheduler:
             return
         self.batches += 1
         self.batched_jobs += len(ready)
-        events = engine.stream(requests)
+        with torch.inference_mode():
+            batch = build_batch(
+                self.model.llm,
+                [r for r, _ in prompts],
+                [k for _, k in prompts],
+                [job.history.cache for job in ready],
+            )
+        self.positions_reused += sum(batch.reused)
+        self.positions_fed += sum(len(k) for k in batch.keys) - sum(batch.reused)
+        events = engine.decode(
+            batch.embeds, batch.attention_mask, batch.positions, Clock(), batch.cache
+        )
+        decoded = self._route(events, ready)
+        if decoded is not None:
+            with torch.inference_mode():
+                for row, job in enumerate(ready):
+                    job.cache_slot.value = split_row(decoded, batch, row)
+
+    @staticmethod
+    def _route(events: Generator[JobEvent, None, Decoded], jobs: list[Job]) -> Decoded | None:
+        """Hand each event to its job; the decoding's result, or None if all were cancelled."""
         try:
-            for event in events:
-                job = ready[event.request]
+            while True:
+                try:
+                    event = next(events)
+                except StopIteration as finished:
+                    return finished.value
+                job = jobs[event.request]
                 if not job.cancelled.is_set():
                     job.emit(event)
-                if all(j.cancelled.is_set() for j in ready):
-                    break
+                if all(j.cancelled.is_set() for j in jobs):
+                    return None
         finally:
             events.close()

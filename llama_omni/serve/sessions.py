@@ -1,10 +1,11 @@
 """Per-session state (settings, input buffer, multi-turn history) and the server's limits.
 
 A session is one WebSocket connection (or one HTTP request). Its history keeps, per
-finished exchange, the user's speech embeddings and the answer text; each new turn's
-prompt is rebuilt from them (no per-session KV cache, so that turns of different
-sessions can share one decoding batch). When the prompt would not fit the context
-with max_new_tokens, the oldest exchanges are left out of that prompt.
+finished exchange, the user's speech embeddings and the answer text, plus the LLM cache
+of the conversation (kvcache.py). Each new turn's prompt is rebuilt from the
+exchanges, and only the part the cache does not hold is fed to the model. When the
+prompt would not fit the context with max_new_tokens, the oldest exchanges are left
+out of it (the cache then keeps only what still matches: the system prompt).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from llama_omni.inference.session import prompt_length
 from llama_omni.model.omni import OmniModel
 from llama_omni.model.prompt import Turn
 from llama_omni.serve.audio_io import STREAM_RATES, StreamResampler, check_length
+from llama_omni.serve.kvcache import CacheSlot, PositionKey, SessionCache, position_keys
 
 
 @dataclass(frozen=True)
@@ -100,23 +102,45 @@ class SessionSettings:
 
 @dataclass
 class Exchange:
+    uid: int  # names the speech positions in cache keys
     speech: torch.Tensor  # [N, D] the user's speech embeddings
     answer: str
 
 
 @dataclass
 class History:
-    """The finished exchanges of one session, newest last, at most `limit` of them."""
+    """The finished exchanges of one session, newest last, at most `limit` of them.
+
+    Only the session's own turn touches it: the worker reads it while the turn is
+    decoded, the session adds the exchange when the answer is complete.
+    """
 
     limit: int
     exchanges: list[Exchange] = field(default_factory=list)
+    next_uid: int = 0
+    _cache: SessionCache | None = None
+    _slot: CacheSlot | None = None  # the last turn's cache, filled when its batch ends
 
-    def add(self, speech: torch.Tensor, answer: str) -> None:
-        self.exchanges.append(Exchange(speech, answer))
+    def add(self, speech: torch.Tensor, answer: str, slot: CacheSlot | None = None) -> None:
+        """Record a finished turn; `slot` receives its cache (the turn's Job.cache_slot)."""
+        self.exchanges.append(Exchange(self.next_uid, speech, answer))
         del self.exchanges[: max(0, len(self.exchanges) - self.limit)]
+        self.next_uid += 1
+        self._slot = slot
 
-    def request(self, model: OmniModel, speech: torch.Tensor, max_new_tokens: int) -> Request:
-        """The prompt for a new turn: as many recent exchanges as fit the context."""
+    @property
+    def cache(self) -> SessionCache | None:
+        """The newest cache of this conversation (a cache of an earlier turn is still a
+        valid prefix when the last one is not there)."""
+        if self._slot is not None and self._slot.value is not None:
+            self._cache, self._slot = self._slot.value, None
+        return self._cache
+
+    def request(
+        self, model: OmniModel, speech: torch.Tensor, max_new_tokens: int
+    ) -> tuple[Request, list[PositionKey]]:
+        """The prompt for a new turn (as many recent exchanges as fit the context) and
+        what each of its positions holds."""
         context = model.llm.model.config.get_text_config().max_position_embeddings
         kept = list(self.exchanges)
         while True:
@@ -125,7 +149,8 @@ class History:
             segments = [e.speech for e in kept] + [speech]
             length = prompt_length(ids, segments)
             if length + max_new_tokens <= context:
-                return Request(ids, segments)
+                uids = [e.uid for e in kept] + [self.next_uid]
+                return Request(ids, segments), position_keys(ids, uids, segments)
             if not kept:
                 raise AudioError(
                     f"this turn needs {length} prompt positions + max_new_tokens {max_new_tokens}, "
@@ -143,7 +168,6 @@ class InputBuffer:
         self._resampler = StreamResampler(rate, SAMPLE_RATE)
         self._chunks: list[np.ndarray] = []
         self.samples = 0  # at 16 kHz
-        self.received_ms = 0.0  # input audio received since the session started
 
     def append(self, audio: np.ndarray) -> np.ndarray:
         """Add input audio at the session rate; returns the new 16 kHz samples."""
@@ -155,7 +179,6 @@ class InputBuffer:
         new = self._resampler.push(audio)
         self._chunks.append(new)
         self.samples += len(new)
-        self.received_ms += len(audio) * 1000 / self.rate
         return new
 
     def take(self, start: int = 0) -> np.ndarray:
