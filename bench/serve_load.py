@@ -150,13 +150,18 @@ async def session(
 
 
 async def _answer(ws, sent: float) -> dict:
+    """Events up to response.done (or an error before response.created: no answer comes)."""
     result = {"first_text_ms": None, "first_audio_ms": None, "errors": []}
+    created = False
     while True:
         event = json.loads(await asyncio.wait_for(ws.recv(), timeout=600))
         ms = (time.perf_counter() - sent) * 1000
         kind = event["type"]
+        created = created or kind == "response.created"
         if kind == "error":
             result["errors"].append(event["error"]["message"])
+            if not created:
+                return result
         elif kind == "response.output_text.delta" and result["first_text_ms"] is None:
             result["first_text_ms"] = ms
         elif kind == "response.output_audio.delta" and result["first_audio_ms"] is None:
@@ -181,18 +186,24 @@ def pcm_pieces(path: Path, seconds: float = 0.5) -> list[str]:
     ]
 
 
-async def run(url: str, sessions: int, turns: int, max_new_tokens: int) -> tuple[list, list, float]:
+async def run(
+    url: str, sessions: int, turns: int, max_new_tokens: int, time_limit_s: float
+) -> tuple[list, list, float]:
+    """All sessions at once; sessions still running after `time_limit_s` are stopped."""
     questions = [pcm_pieces(p) for p in sorted(EXAMPLES.glob("*.flac"))]
     results: list[dict] = []
     started = time.perf_counter()
-    outcomes = await asyncio.gather(
-        *(
+    tasks = [
+        asyncio.create_task(
             session(url, questions[i:] + questions[:i], turns, max_new_tokens, results)
-            for i in range(sessions)
-        ),
-        return_exceptions=True,
-    )
-    failures = [f"{type(o).__name__}: {o}" for o in outcomes if isinstance(o, BaseException)]
+        )
+        for i in range(sessions)
+    ]
+    done, late = await asyncio.wait(tasks, timeout=time_limit_s)
+    for task in late:
+        task.cancel()
+    failures = [f"{type(t.exception()).__name__}: {t.exception()}" for t in done if t.exception()]
+    failures += [f"stopped after the {time_limit_s:.0f} s time limit"] * len(late)
     return results, failures, time.perf_counter() - started
 
 
@@ -238,6 +249,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--time-limit", type=float, default=5400, help="seconds for all turns")
     args = parser.parse_args()
 
     server, url = None, args.url
@@ -252,7 +264,7 @@ def main() -> None:
     memory = MemoryWatch(server.pid if server else None)
     try:
         results, failures, wall_s = asyncio.run(
-            run(url, args.sessions, args.turns, args.max_new_tokens)
+            run(url, args.sessions, args.turns, args.max_new_tokens, args.time_limit)
         )
         server_metrics = json.load(urllib.request.urlopen(url + "/metrics", timeout=10))
     finally:
