@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 from typing import Annotated
@@ -83,8 +82,6 @@ def evaluate(
         "cascade": (f"ASR -> {cascade_llm or 'its own LLM'} -> TTS {options.cascade_voice}, "
                     "spoken sentence by sentence") if options.baseline else "not run",
         "max_new_tokens": max_new_tokens, "device": f"{device} ({threads} threads)",
-        "machine": f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the "
-                   "start (timings include any other load)",
     }
     cascade_model = with_llm(model, cascade_llm) if cascade_llm and options.baseline else None
     evaluator = Evaluator(model, voice, options, out, run_info, cascade_model)

@@ -10,6 +10,8 @@ Means are over the items that have the value; WER/CER are corpus level.
 from __future__ import annotations
 
 import json
+import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,9 @@ def summarize(records: dict[str, list[dict]], run_info: dict[str, Any],
             "failed_stages": sum(1 for r in items for v in r.values()
                                  if isinstance(v, dict) and "error" in v),
         }
+    loads = [r.get("load_average") for items in records.values() for r in items]
     return {"run": run_info, "items": max((len(v) for v in records.values()), default=0),
+            "load_average": mean(loads), "cpu_cores": os.cpu_count(),
             "reference_omega": omega_name(reference_omega), "systems": systems}
 
 
@@ -88,7 +92,9 @@ def markdown(summary: dict[str, Any], plot: str | None = PLOT_NAME) -> str:
     omega = summary["reference_omega"]
     lines = ["# Evaluation report", ""]
     lines += [f"- **{k}**: {v}" for k, v in run.items() if k != "settings"]
-    lines += [f"- **items**: {summary['items']}", ""]
+    load = (f"- **machine load while generating** (1-min load average, mean over items): "
+            f"{_fmt(summary['load_average'], 1)} on {summary['cpu_cores']} cores")
+    lines += [f"- **items**: {summary['items']}", load, ""]
     lines += ["## Table 1: judge scores (1-5)", ""]
     rows = []
     for name, s in systems.items():
@@ -154,7 +160,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{summary['run'].get('model', '')}"[:100], fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(str(summary["run"].get("model", "")), 110)), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -193,6 +193,7 @@ class Evaluator:
         for name, stage in stages.items():
             if name in record:
                 continue
+            record["load_average"] = os.getloadavg()[0]  # timings depend on the machine's load
             try:
                 record[name] = stage()
             except (AudioError, TTSError) as err:  # this input cannot be run: say so, go on
@@ -326,8 +327,7 @@ def with_llm(model: OmniModel, source: str) -> OmniModel:
 
 
 def set_threads(threads: int) -> None:
-    """torch and the ONNX/CTranslate2 scorers share the machine: one knob for all."""
+    """CPU threads of torch (the ASR gets its own through ASR(threads=...))."""
     import torch
 
     torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
