@@ -100,6 +100,7 @@ class MemoryWatch:
     def __init__(self, pid: int | None):
         self.process = psutil.Process(pid) if pid else None
         self.start_mb = self.peak_mb = self.now()
+        self.samples: list[tuple[float, float]] = []  # (perf_counter time, MiB)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -118,12 +119,24 @@ class MemoryWatch:
             rss = self.now()
             if rss is not None:
                 self.peak_mb = max(self.peak_mb or 0, rss)
+                self.samples.append((time.perf_counter(), rss))
 
-    def stop(self) -> dict:
+    def stop(self, finish_times: list[float]) -> dict:
+        """start / peak / end MiB, and the peak up to each quarter of the finished turns."""
         self._stop.set()
         self._thread.join()
-        end = self.now()
-        return {"start": _round(self.start_mb), "peak": _round(self.peak_mb), "end": _round(end)}
+        quarters = {}
+        for q in (1, 2, 3, 4):
+            if finish_times and self.samples:
+                until = sorted(finish_times)[max(0, len(finish_times) * q // 4 - 1)]
+                seen = [mb for t, mb in self.samples if t <= until]
+                quarters[f"peak_by_{25 * q}pct_turns"] = _round(max(seen)) if seen else None
+        return {
+            "start": _round(self.start_mb),
+            "peak": _round(self.peak_mb),
+            "end": _round(self.now()),
+            **quarters,
+        }
 
 
 def _round(x):
@@ -168,6 +181,7 @@ async def _answer(ws, sent: float) -> dict:
             result["first_audio_ms"] = ms
         elif kind == "response.done":
             result.update(
+                finished=time.perf_counter(),
                 total_ms=ms,
                 status=event["response"]["status"],
                 audio_s=event["response"]["audio_seconds"],
@@ -231,7 +245,8 @@ def report(
         "turns_per_s": round(len(results) / wall_s, 3),
         "server_rss_mb": memory,
         "server": {
-            k: server_metrics.get(k) for k in ("batches", "batched_turns", "latency_ms", "sessions")
+            k: server_metrics.get(k)
+            for k in ("batches", "batched_turns", "prompt_positions", "latency_ms", "sessions")
         },
     }
 
@@ -262,13 +277,14 @@ def main() -> None:
             model, vocoder = build_small_model(args.workdir)
         server, url = start_server(model, vocoder, args.workdir / "server.log")
     memory = MemoryWatch(server.pid if server else None)
+    results: list[dict] = []
     try:
         results, failures, wall_s = asyncio.run(
             run(url, args.sessions, args.turns, args.max_new_tokens, args.time_limit)
         )
         server_metrics = json.load(urllib.request.urlopen(url + "/metrics", timeout=10))
     finally:
-        rss = memory.stop()
+        rss = memory.stop([r["finished"] for r in results if "finished" in r])
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
