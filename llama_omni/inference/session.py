@@ -70,9 +70,9 @@ class Conversation:
         speech = self.engine.encode([audio])[0]  # [N, D]
         uid = next(self._uids)
         ids, segments = self._fit(speech)
-        keys = self._keys(ids, [e.uid for e in self.exchanges] + [uid], segments)
+        keys = position_keys(ids, [e.uid for e in self.exchanges] + [uid], segments)
         # Keep at least one position to feed: its output chooses the first answer token.
-        keep = min(_common_prefix(self._cached, keys), len(keys) - 1)
+        keep = min(common_prefix(self._cached, keys), len(keys) - 1)
         cache = self._cut_cache(keep)
         self.reused = keep if cache is not None else 0
         llm = self.engine.model.llm
@@ -101,18 +101,6 @@ class Conversation:
                 )
             self.exchanges.pop(0)
 
-    @staticmethod
-    def _keys(ids: list[int], uids: list[int], segments: list[torch.Tensor]) -> list[PositionKey]:
-        keys: list[PositionKey] = []
-        slots = iter(zip(uids, segments))
-        for token in ids:
-            if token == SPEECH_TOKEN_INDEX:
-                uid, segment = next(slots)
-                keys += [(uid, j) for j in range(segment.shape[0])]
-            else:
-                keys.append(token)
-        return keys
-
     @torch.inference_mode()
     def _cut_cache(self, keep: int):
         """The cache holding only the first `keep` positions (None when keep is 0)."""
@@ -128,7 +116,25 @@ def prompt_length(ids: list[int], segments: list[torch.Tensor]) -> int:
     return len(ids) - slots + sum(s.shape[0] for s in segments)
 
 
-def _common_prefix(a: list[PositionKey], b: list[PositionKey]) -> int:
+def position_keys(
+    ids: list[int], uids: list[int], segments: list[torch.Tensor]
+) -> list[PositionKey]:
+    """What each position of a spliced prompt holds: token ids, speech frames by uid.
+
+    Two prompts share cached positions exactly as far as their keys agree.
+    """
+    keys: list[PositionKey] = []
+    slots = iter(zip(uids, segments, strict=True))
+    for token in ids:
+        if token == SPEECH_TOKEN_INDEX:
+            uid, segment = next(slots)
+            keys += [(uid, frame) for frame in range(segment.shape[0])]
+        else:
+            keys.append(token)
+    return keys
+
+
+def common_prefix(a: list[PositionKey], b: list[PositionKey]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:

@@ -21,10 +21,8 @@ from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
 from llama_omni.inference.engine import Decoded, Request
+from llama_omni.inference.session import PositionKey, common_prefix
 from llama_omni.model.llm import SpeechLLM
-from llama_omni.model.prompt import SPEECH_TOKEN_INDEX
-
-PositionKey = int | tuple[int, int]  # a token id, or (speech uid, frame)
 
 
 @dataclass
@@ -38,19 +36,6 @@ class CacheSlot:
     """Where the worker leaves a turn's cache once the turn's batch is decoded."""
 
     value: SessionCache | None = None
-
-
-def position_keys(ids: list[int], uids: list[int], segments: list[Tensor]) -> list[PositionKey]:
-    """What each position of a spliced prompt holds: token ids, speech frames by uid."""
-    keys: list[PositionKey] = []
-    slots = iter(zip(uids, segments, strict=True))
-    for token in ids:
-        if token == SPEECH_TOKEN_INDEX:
-            uid, segment = next(slots)
-            keys += [(uid, frame) for frame in range(segment.shape[0])]
-        else:
-            keys.append(token)
-    return keys
 
 
 @dataclass
@@ -72,7 +57,7 @@ def build_batch(
     caches: list[SessionCache | None],
 ) -> BatchInputs:
     reused = [
-        0 if cache is None else min(_common_prefix(cache.keys, row_keys), len(row_keys) - 1)
+        0 if cache is None else min(common_prefix(cache.keys, row_keys), len(row_keys) - 1)
         for cache, row_keys in zip(caches, keys, strict=True)
     ]
     rows = [
@@ -119,12 +104,3 @@ def split_row(decoded: Decoded, batch: BatchInputs, row: int) -> SessionCache:
     return SessionCache(
         [(layer.keys[row][:, real], layer.values[row][:, real]) for layer in layers], keys
     )
-
-
-def _common_prefix(a: list[PositionKey], b: list[PositionKey]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -21,11 +21,11 @@ from llama_omni.audio import SAMPLE_RATE, AudioError
 from llama_omni.configbase import require
 from llama_omni.inference.engine import EngineOptions, Request
 from llama_omni.inference.sampling import SamplingOptions
-from llama_omni.inference.session import prompt_length
+from llama_omni.inference.session import PositionKey, position_keys, prompt_length
 from llama_omni.model.omni import OmniModel
 from llama_omni.model.prompt import Turn
 from llama_omni.serve.audio_io import STREAM_RATES, StreamResampler, check_length
-from llama_omni.serve.kvcache import CacheSlot, PositionKey, SessionCache, position_keys
+from llama_omni.serve.kvcache import CacheSlot, SessionCache
 
 
 @dataclass(frozen=True)
