@@ -42,14 +42,7 @@ class PeriodDiscriminator(nn.Module):
         b, c, t = wave.shape
         if t % self.period:
             wave = F.pad(wave, (0, self.period - t % self.period), mode="reflect")
-        x = wave.view(b, c, -1, self.period)  # [B, 1, T / p, p]
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), SLOPE)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _run_stack(self.convs, self.post, wave.view(b, c, -1, self.period))  # [B, 1, T/p, p]
 
 
 class ScaleDiscriminator(nn.Module):
@@ -68,13 +61,18 @@ class ScaleDiscriminator(nn.Module):
         self.post = weight_norm(nn.Conv1d(chans[-1], 1, 3, padding=1))
 
     def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, Features]:
-        x, features = wave, []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), SLOPE)
-            features.append(x)
-        x = self.post(x)
+        return _run_stack(self.convs, self.post, wave)
+
+
+def _run_stack(convs: nn.ModuleList, post: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    """Leaky-ReLU conv stack, then the scoring conv: (flattened scores, every feature map)."""
+    features = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), SLOPE)
         features.append(x)
-        return x.flatten(1), features
+    x = post(x)
+    features.append(x)
+    return x.flatten(1), features
 
 
 class Discriminators(nn.Module):
