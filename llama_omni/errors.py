@@ -9,6 +9,11 @@ import os
 
 from llama_omni.packaged import PackagedAssetError
 
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is missing, corrupt or does not match its config."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ()
     if os.environ.get("LLAMA_OMNI_DEBUG")

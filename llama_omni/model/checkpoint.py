@@ -25,10 +25,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llama_omni.errors import CheckpointError
 from llama_omni.model.adaptor import AdaptorConfig, SpeechAdaptor
 from llama_omni.model.encoder import EncoderConfig, WhisperEncoder
 from llama_omni.model.encoder_loaders import load_encoder, load_openai_whisper_checkpoint
 from llama_omni.model.llm import EMBEDDED_SUBDIR, LLMConfig, SpeechLLM, load_backbone
+from llama_omni.model.lora import LORA_SUBDIR, fold_lora
 from llama_omni.model.omni import OmniConfig, OmniModel
 from llama_omni.model.speech_decoder import SpeechDecoder, SpeechDecoderConfig
 
@@ -37,10 +39,6 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 PUBLISHED_MODEL_TYPE = "omni_speech2s_llama"
 PUBLISHED_PAD_ID = 128004  # what the original inference passes; the config has none
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file is missing, corrupt or does not match its config."""
 
 
 # -- strict state-dict loading -------------------------------------------------------------
@@ -163,6 +161,8 @@ def load_own_checkpoint(directory: str | Path, *, device=None, dtype=None) -> Om
         loaded_cfg, encoder = load_encoder(cfg.encoder_source, pad_to_30s=cfg.encoder.pad_to_30s)
         _check_encoder_dims(loaded_cfg, cfg.encoder, cfg.encoder_source)
     backbone, tokenizer = load_backbone(cfg.llm.source, base_dir=directory)
+    if (directory / LORA_SUBDIR).is_dir():  # a backbone by reference + our LoRA update
+        fold_lora(backbone, directory / LORA_SUBDIR)
     llm = SpeechLLM(backbone, tokenizer, cfg.llm)
     adaptor, decoder = SpeechAdaptor(cfg.adaptor), SpeechDecoder(cfg.speech_decoder)
     load_strict(adaptor, _with_prefix(tensors, "adaptor."), "adaptor")

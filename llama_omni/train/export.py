@@ -3,7 +3,7 @@
 - A trained LLM (stage 1 "full", or LoRA merged) is written into the checkpoint (`llm/`,
   source "embedded"), since its weights are no longer those of its source.
 - LoRA not merged: the checkpoint names the base LLM by absolute path and the adapter is
-  stored beside it in `lora/` (peft format); `load_exported` applies it.
+  stored beside it in `lora/` (peft format); `load_model` folds it in (no peft needed).
 - An LLM left untouched keeps its source (a packaged model stays a reference).
 """
 
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llama_omni.model.checkpoint import load_model, save_checkpoint
+from llama_omni.model.checkpoint import save_checkpoint
 from llama_omni.model.llm import EMBEDDED_SOURCE, PACKAGED_LLMS, resolve_source
+from llama_omni.model.lora import LORA_SUBDIR
 from llama_omni.model.omni import OmniModel
 from llama_omni.train import checkpoints
 from llama_omni.train.config import TrainConfig
@@ -23,8 +24,6 @@ from llama_omni.train.model_setup import (
     model_base_dir,
     prepare_model,
 )
-
-LORA_DIR = "lora"
 
 
 def export_checkpoint(
@@ -51,19 +50,8 @@ def export_checkpoint(
     view = OmniModel(config, model.encoder, model.llm, model.adaptor, model.speech_decoder)
     save_checkpoint(view, directory)
     if unmerged:
-        model.llm.model.save_pretrained(directory / LORA_DIR)
+        model.llm.model.save_pretrained(directory / LORA_SUBDIR)
     return directory
-
-
-def load_exported(directory: str | Path, *, device=None, dtype=None) -> OmniModel:
-    """Load an exported checkpoint, applying its unmerged LoRA adapter when there is one."""
-    directory = Path(directory)
-    model = load_model(directory, device=device, dtype=dtype)
-    if (directory / LORA_DIR).is_dir():
-        from peft import PeftModel
-
-        model.llm.model = PeftModel.from_pretrained(model.llm.model, directory / LORA_DIR)
-    return model
 
 
 def export_run(
