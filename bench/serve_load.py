@@ -121,6 +121,10 @@ class MemoryWatch:
                 self.peak_mb = max(self.peak_mb or 0, rss)
                 self.samples.append((time.perf_counter(), rss))
 
+    def peak_between(self, start: float, end: float) -> float | None:
+        seen = [mb for t, mb in self.samples if start <= t <= end]
+        return _round(max(seen)) if seen else None
+
     def stop(self, finish_times: list[float]) -> dict:
         """start / peak / end MiB, and the peak up to each quarter of the finished turns."""
         self._stop.set()
@@ -231,6 +235,7 @@ def report(
     return {
         "sessions": args.sessions,
         "turns_per_session": args.turns,
+        "rounds": args.rounds,
         "max_new_tokens": args.max_new_tokens,
         "turns_done": len(results),
         "errors": len(errors),
@@ -265,6 +270,13 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--time-limit", type=float, default=5400, help="seconds for all turns")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the sessions x turns this many times on one server (fresh sessions each "
+        "round): equal peaks per round show that memory is bounded, not leaking",
+    )
     args = parser.parse_args()
 
     server, url = None, args.url
@@ -278,13 +290,21 @@ def main() -> None:
         server, url = start_server(model, vocoder, args.workdir / "server.log")
     memory = MemoryWatch(server.pid if server else None)
     results: list[dict] = []
+    failures: list[str] = []
+    round_peaks: list[float | None] = []
+    wall_s = 0.0
     try:
-        results, failures, wall_s = asyncio.run(
-            run(url, args.sessions, args.turns, args.max_new_tokens, args.time_limit)
-        )
+        for _ in range(args.rounds):
+            started = time.perf_counter()
+            done, failed, seconds = asyncio.run(
+                run(url, args.sessions, args.turns, args.max_new_tokens, args.time_limit)
+            )
+            results, failures, wall_s = results + done, failures + failed, wall_s + seconds
+            round_peaks.append(memory.peak_between(started, time.perf_counter()))
         server_metrics = json.load(urllib.request.urlopen(url + "/metrics", timeout=10))
     finally:
         rss = memory.stop([r["finished"] for r in results if "finished" in r])
+        rss["peak_by_round"] = round_peaks
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
