@@ -43,11 +43,11 @@ def main() -> None:
         save_file(_half(tensors), staged / WEIGHTS_FILE, metadata={"format": "pt"})
         adapter = staged / LORA_SUBDIR / ADAPTER_WEIGHTS
         save_file(_half(load_file(adapter)), adapter, metadata={"format": "pt"})
+        payload = json.loads((staged / CONFIG_FILE).read_text())
         adapter_config = staged / LORA_SUBDIR / ADAPTER_CONFIG  # drop this machine's path
         settings = json.loads(adapter_config.read_text())
-        settings["base_model_name_or_path"] = payload_source(staged)
+        settings["base_model_name_or_path"] = payload["config"]["llm"]["source"]
         adapter_config.write_text(json.dumps(settings, indent=2) + "\n")
-        payload = json.loads((staged / CONFIG_FILE).read_text())
         payload["config"]["vocoder_source"] = str(Path("..") / DEFAULT_VOCODER_DIR.name)
         (staged / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         load_model(staged)  # refuse to install anything that does not load
@@ -60,10 +60,6 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(json.dumps({"out": str(out), "megabytes": round(size / 2**20, 1)}))
-
-
-def payload_source(checkpoint: Path) -> str:
-    return json.loads((checkpoint / CONFIG_FILE).read_text())["config"]["llm"]["source"]
 
 
 def _half(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

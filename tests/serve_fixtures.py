@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from inference_fixtures import one_thread_fixture  # noqa: F401 (re-exported fixture)
 
 from llama_omni.audio import load_audio
 from llama_omni.model.omni import OmniConfig, OmniModel
@@ -26,15 +27,6 @@ from llama_omni.serve.app import create_app
 from llama_omni.serve.sessions import ServerLimits
 
 EXAMPLES = Path(__file__).parents[1] / "llama_omni" / "serve" / "static" / "examples"
-
-
-@pytest.fixture(name="one_thread", autouse=True)
-def one_thread_fixture():
-    """Tiny tensors run fastest on one thread, above all on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.cache

@@ -104,13 +104,18 @@ def test_text_only_session_sends_no_audio(client):
     assert events[-1]["response"]["output"][0]["content"][0]["type"] == "output_text"
 
 
+def start_long_answer(ws) -> None:
+    """Open the session, ask with a 1000-token budget, return once the answer streams."""
+    ws.receive_json()
+    ws.send_json({"type": "input_audio_buffer.append", "audio": pcm(tone())})
+    ws.send_json({"type": "input_audio_buffer.commit"})
+    ws.send_json({"type": "response.create", "response": {"max_output_tokens": 1000}})
+    receive_until(ws, "response.output_text.delta")
+
+
 def test_cancel_stops_the_answer_and_the_session_goes_on(client):
     with client.websocket_connect("/v1/realtime") as ws:
-        ws.receive_json()
-        ws.send_json({"type": "input_audio_buffer.append", "audio": pcm(tone())})
-        ws.send_json({"type": "input_audio_buffer.commit"})
-        ws.send_json({"type": "response.create", "response": {"max_output_tokens": 1000}})
-        receive_until(ws, "response.output_text.delta")
+        start_long_answer(ws)
         ws.send_json({"type": "response.cancel"})
         done = receive_until(ws, "response.done")[-1]["response"]
         assert done["status"] == "cancelled"
@@ -123,11 +128,7 @@ def test_cancel_stops_the_answer_and_the_session_goes_on(client):
 def test_disconnect_mid_answer_frees_the_session_and_the_worker(client):
     server = client.app.state.server
     with client.websocket_connect("/v1/realtime") as ws:
-        ws.receive_json()
-        ws.send_json({"type": "input_audio_buffer.append", "audio": pcm(tone())})
-        ws.send_json({"type": "input_audio_buffer.commit"})
-        ws.send_json({"type": "response.create", "response": {"max_output_tokens": 1000}})
-        receive_until(ws, "response.output_text.delta")
+        start_long_answer(ws)
         assert client.get("/health").json()["sessions"] == 1
         assert server.scheduler.active == 1
     deadline = time.monotonic() + 10  # a 1000-token answer takes far longer on this machine
