@@ -35,6 +35,7 @@ from llama_omni.inference.engine import Engine, EngineOptions, vocoder_mismatch
 from llama_omni.inference.events import Answer, collect
 from llama_omni.model.checkpoint import load_model
 from llama_omni.model.omni import OmniConfig, OmniModel
+from llama_omni.model.speech_decoder import SpeechDecoder
 from llama_omni.model.vocoder import UnitVocoder, VocoderConfig, load_vocoder
 
 OMEGAS = {"10": 10, "20": 20, "40": 40, "60": 60, "100": 100, "inf": None}
@@ -182,24 +183,45 @@ def synthesize(texts: tuple[str, ...]) -> list[np.ndarray]:
 
 
 def decoder_steps(model: OmniModel, repeats: int) -> dict:
-    steps = decoder_step_ms(model, repeats)
-    ratio = steps["incremental"]["400"] / steps["incremental"]["20"]
-    return {"decoder_step_ms": steps, "decoder_step_ratio_400_20": ratio}
+    """Step costs of the model's decoder; for a windowed decoder, also of the same weights
+    with full causal attention (the published architecture), measured in the same run."""
+    steps = decoder_step_ms(model.speech_decoder, repeats)
+    window = model.speech_decoder.config.attention_window
+    report = {
+        "decoder_attention_window": window,
+        "decoder_step_ms": steps,
+        "decoder_step_ratio_400_20": steps["incremental"]["400"] / steps["incremental"]["20"],
+    }
+    if window is not None:
+        full = with_full_attention(model.speech_decoder)
+        full_steps = decoder_step_ms(full, repeats)
+        report["decoder_step_ms_full_attention"] = full_steps["incremental"]
+        report["decoder_step_ratio_400_20_full_attention"] = (
+            full_steps["incremental"]["400"] / full_steps["incremental"]["20"]
+        )
+    return report
+
+
+def with_full_attention(decoder: SpeechDecoder) -> SpeechDecoder:
+    full = SpeechDecoder(decoder.config.replace(attention_window=None))
+    full.load_state_dict(decoder.state_dict())
+    param = next(decoder.parameters())
+    return full.to(param.device, param.dtype).eval()
 
 
 @torch.inference_mode()
-def decoder_step_ms(model: OmniModel, repeats: int) -> dict[str, dict[str, float]]:
+def decoder_step_ms(decoder: SpeechDecoder, repeats: int) -> dict[str, dict[str, float]]:
     """ms per new token of the speech decoder at answer lengths DECODER_LENGTHS.
 
     incremental: the step adding token n to a KV cache over n-1 tokens (median over
     tokens n-2..n+2 and the repeats); recompute: one pass over all n tokens, as the
     published code runs at every token.
     """
-    decoder = model.speech_decoder
+    param = next(decoder.parameters())
     longest = max(DECODER_LENGTHS) + 2
     generator = torch.Generator().manual_seed(0)
     states = torch.randn(1, longest, decoder.config.input_width, generator=generator)  # [1, M, D]
-    states = states.to(model.device, model.dtype)
+    states = states.to(param.device, param.dtype)
     per_step: list[list[float]] = [[] for _ in range(longest)]
     for _ in range(repeats):
         with decoder.streaming(1):

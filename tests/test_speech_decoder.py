@@ -18,8 +18,9 @@ def tiny(**changes) -> SpeechDecoderConfig:
     return SpeechDecoderConfig.preset("tiny-test").replace(**changes)
 
 
-def hf_reference(decoder: SpeechDecoder, hidden: torch.Tensor) -> torch.Tensor:
-    """Log-probs computed with transformers' own LlamaDecoderLayer and rotary embedding."""
+def hf_reference(decoder: SpeechDecoder, hidden: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Log-probs computed with transformers' own LlamaDecoderLayer and rotary embedding;
+    `window` bands the causal mask by hand."""
     cfg = decoder.config
     llama = LlamaConfig(
         hidden_size=cfg.width, intermediate_size=cfg.ffn, num_attention_heads=cfg.n_heads,
@@ -32,7 +33,10 @@ def hf_reference(decoder: SpeechDecoder, hidden: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(h.shape[1])[None]
     rotary = LlamaRotaryEmbedding(llama)
     cos_sin = rotary(h, positions)
-    mask = torch.full((h.shape[1], h.shape[1]), float("-inf")).triu(1)[None, None]
+    mask = torch.full((h.shape[1], h.shape[1]), float("-inf")).triu(1)
+    if window is not None:
+        mask = mask + torch.full_like(mask, float("-inf")).tril(-window)
+    mask = mask[None, None]
     for i, ours in enumerate(decoder.layers):
         layer = LlamaDecoderLayer(llama, i)
         layer.load_state_dict(ours.state_dict())
@@ -80,6 +84,49 @@ def test_streaming_chunks_equal_one_shot():
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
     assert units == full_units
     assert not decoder.is_streaming
+
+
+def test_attention_window_matches_a_banded_llama_mask():
+    torch.manual_seed(4)
+    decoder = SpeechDecoder(tiny(attention_window=40)).eval()
+    hidden = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        ours, _ = decoder(hidden)
+        ref = hf_reference(decoder, hidden, window=40)
+        full = hf_reference(decoder, hidden)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ours, full, atol=1e-3)  # the window does change late positions
+    torch.testing.assert_close(ours[:, :40], full[:, :40], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [1, 30, 64, 250])
+def test_windowed_streaming_equals_one_shot_and_keeps_the_cache_bounded(window):
+    torch.manual_seed(5)
+    decoder = SpeechDecoder(tiny(attention_window=window)).eval()
+    hidden = torch.randn(2, 60, 64)  # 1500 positions: many buffer compactions
+    with torch.no_grad():
+        full, _ = decoder(hidden)
+        pieces, units = [], [[], []]
+        with decoder.streaming(batch_size=2):
+            for start in range(0, 60, 3):
+                log_probs, _ = decoder(hidden[:, start : start + 3])
+                pieces.append(log_probs)
+                for b, new in enumerate(decoder.greedy_units(log_probs)):
+                    units[b].extend(new)
+            capacity = decoder._streaming_state.caches[0]._keys.shape[2]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    assert units == decoder.greedy_units(full)
+    assert capacity <= max(2 * (window - 1 + 3 * 25), 256)
+
+
+def test_window_longer_than_the_answer_equals_full_attention():
+    torch.manual_seed(6)
+    hidden = torch.randn(1, 8, 64)
+    full = SpeechDecoder(tiny()).eval()
+    windowed = SpeechDecoder(tiny(attention_window=200)).eval()
+    windowed.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(windowed(hidden)[0], full(hidden)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_padded_batch_equals_single_items():
@@ -155,6 +202,9 @@ def test_published_config_string_is_parsed_once_and_validated():
         SpeechDecoderConfig.from_published({"hidden_size": 8, "ctc_decoder_config": "2,4096"})
     with pytest.raises(ValueError, match="heads"):
         tiny(width=60, n_heads=8)
+    assert cfg.attention_window is None  # the published decoder attends over all positions
+    with pytest.raises(ValueError, match="attention_window"):
+        tiny(attention_window=0)
     assert SpeechDecoderConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown field"):
         SpeechDecoderConfig.from_dict({**cfg.to_dict(), "bogus": 1})

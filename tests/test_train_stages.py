@@ -120,3 +120,22 @@ def test_export_lora(tmp_path, small_llm_dir, data, merge):
     with torch.no_grad():
         got = Stage1Module(loaded.adaptor, loaded.llm).eval()(batch)[0]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_decoder_override_on_a_checkpoint_keeps_weights_only_when_they_fit(tmp_path, tiny_llm_dir, data):
+    model, _, _ = setup(tmp_path, tiny_llm_dir, data, "stage2")
+    out = export_checkpoint(model, tmp_path / "export", llm_trained=False, base_dir=tiny_llm_dir)
+    trained = model.speech_decoder.state_dict()
+
+    def restart(**decoder):
+        cfg = tiny_config(tmp_path, tiny_llm_dir, data, "stage2", **{
+            "model.preset": None, "model.checkpoint": str(out),
+            "model.overrides": {"speech_decoder": decoder}})
+        return prepare_model(cfg).speech_decoder
+
+    windowed = restart(attention_window=50)
+    assert windowed.config.attention_window == 50
+    assert all(torch.equal(windowed.state_dict()[k], v) for k, v in trained.items())
+    fresh = restart(unit_vocab=16)
+    assert fresh.output_proj.weight.shape[0] == 17
+    assert not torch.equal(fresh.input_proj.weight, trained["input_proj.weight"])

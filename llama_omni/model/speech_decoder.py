@@ -9,6 +9,11 @@ Because the layers are causal, the outputs for a prefix never change when more t
 arrive. Streaming uses that: inside `with decoder.streaming(batch_size):` each call
 appends the new tokens' lambda*m positions to a per-layer KV cache, so a new token costs
 lambda positions instead of a recomputation of the whole prefix.
+
+With full causal attention (the published model) a step still attends over every earlier
+position, so its cost grows with the answer. `attention_window` (our models' option)
+limits each position to the last W positions: the step cost and the cache stop growing
+once the answer is W/lambda tokens long, and streaming still equals one-shot decoding.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class SpeechDecoderConfig(ConfigBase):
     rope_scaling: dict[str, Any] | None = None  # e.g. Llama-3.1's {"rope_type": "llama3", ...}
     rms_eps: float = 1e-5
     final_norm: bool = False  # the published decoder has none
+    # Each position attends to itself and the W-1 positions before it (upsampled frames);
+    # None = full causal attention, as in the published model.
+    attention_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("input_width", "n_layers", "width", "n_heads", "ffn", "upsample", "unit_vocab"):
@@ -54,6 +62,12 @@ class SpeechDecoderConfig(ConfigBase):
             f"SpeechDecoderConfig: width {self.width} must split into {self.n_heads} heads of even size",
         )
         require(self.rope_theta > 0, "SpeechDecoderConfig.rope_theta must be positive")
+        require(
+            self.attention_window is None
+            or (isinstance(self.attention_window, int) and self.attention_window > 0),
+            "SpeechDecoderConfig.attention_window must be a positive integer or null, "
+            f"got {self.attention_window!r}",
+        )
         if self.rope_scaling is not None:
             kind = _rope_type(self.rope_scaling)
             require(
@@ -162,37 +176,57 @@ class RMSNorm(nn.Module):
 
 
 class LayerCache:
-    """Keys and values of one layer over the positions seen so far.
+    """Keys and values of one layer over the positions a new query may still see.
 
-    Stored in a buffer that doubles when full, so appending lambda positions per text
+    Stored in a buffer that grows by doubling, so appending lambda positions per text
     token copies nothing in the common case (a torch.cat per step would copy the whole
-    cache and make each step cost grow with the answer length).
+    cache and make each step cost grow with the answer length). With an attention window
+    W, positions older than the last W-1 are dropped when the buffer is full, so memory
+    stays bounded and the amortized copy per position stays constant.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, window: int | None = None) -> None:
+        self.window = window
         self._keys: torch.Tensor | None = None  # [B, H, capacity, hd]
         self._values: torch.Tensor | None = None
-        self.length = 0
+        self.offset = 0  # absolute position held in buffer slot 0
+        self.length = 0  # positions seen so far (absolute end)
 
     @property
     def empty(self) -> bool:
         return self.length == 0
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append [B, H, T, hd] keys/values; returns views over all positions so far."""
-        end = self.length + k.shape[2]
-        if self._keys is None or end > self._keys.shape[2]:
-            capacity = max(end, 2 * (0 if self._keys is None else self._keys.shape[2]), 256)
+        """Append [B, H, T, hd] keys/values; returns views over the positions the new
+        queries may see, which end at the new absolute length."""
+        past, end = self.length, self.length + k.shape[2]
+        first = self.offset if self.window is None else max(self.offset, past - (self.window - 1))
+        if self._keys is None or end - self.offset > self._keys.shape[2]:
+            capacity = max(2 * (end - first), 256)
             keys = k.new_empty(*k.shape[:2], capacity, k.shape[3])
             values = v.new_empty(*v.shape[:2], capacity, v.shape[3])
             if self._keys is not None:
-                keys[:, :, : self.length] = self._keys[:, :, : self.length]
-                values[:, :, : self.length] = self._values[:, :, : self.length]
-            self._keys, self._values = keys, values
-        self._keys[:, :, self.length : end] = k
-        self._values[:, :, self.length : end] = v
+                kept = slice(first - self.offset, past - self.offset)
+                keys[:, :, : past - first] = self._keys[:, :, kept]
+                values[:, :, : past - first] = self._values[:, :, kept]
+            self._keys, self._values, self.offset = keys, values, first
+        self._keys[:, :, past - self.offset : end - self.offset] = k
+        self._values[:, :, past - self.offset : end - self.offset] = v
         self.length = end
-        return self._keys[:, :, :end], self._values[:, :, :end]
+        seen = slice(first - self.offset, end - self.offset)
+        return self._keys[:, :, seen], self._values[:, :, seen]
+
+
+def attention_mask(
+    query_start: int, queries: int, key_start: int, keys: int, window: int | None, device
+) -> torch.Tensor:
+    """[Q, K] bool: query at absolute position p sees keys at positions (p - W, p]."""
+    query_pos = torch.arange(query_start, query_start + queries, device=device)[:, None]
+    key_pos = torch.arange(key_start, key_start + keys, device=device)[None, :]
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed &= key_pos > query_pos - window
+    return allowed
 
 
 class Attention(nn.Module):
@@ -201,6 +235,7 @@ class Attention(nn.Module):
     def __init__(self, config: SpeechDecoderConfig, device=None, dtype=None):
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.window = config.attention_window
         w = config.width
         self.q_proj = nn.Linear(w, w, bias=False, device=device, dtype=dtype)
         self.k_proj = nn.Linear(w, w, bias=False, device=device, dtype=dtype)
@@ -216,17 +251,15 @@ class Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         new = q.shape[2]
-        if cache is None or cache.empty:
-            if cache is not None:
-                cache.extend(k, v)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.extend(k, v)
+        if past == 0 and self.window is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k, v = cache.extend(k, v)
-            past = k.shape[2] - new
-            # query i (absolute position past+i) sees keys 0..past+i
-            allowed = torch.arange(k.shape[2], device=x.device)[None, :] <= (
-                past + torch.arange(new, device=x.device)[:, None]
-            )
+            first = past + new - k.shape[2]  # absolute position of the first visible key
+            allowed = attention_mask(past, new, first, k.shape[2], self.window, x.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         batch = x.shape[0]
         return self.o_proj(out.transpose(1, 2).reshape(batch, new, -1))  # [B, T, D]
@@ -277,7 +310,8 @@ class SpeechDecoder(StreamingModule[DecoderState]):
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def _init_streaming_state(self, batch_size: int) -> DecoderState:
-        return DecoderState(batch_size, [LayerCache() for _ in self.layers])
+        caches = [LayerCache(self.config.attention_window) for _ in self.layers]
+        return DecoderState(batch_size, caches)
 
     # -- upsampling -------------------------------------------------------------------------
     def upsample(

@@ -32,8 +32,9 @@ class ModelSpec(ConfigBase):
 
     overrides: nested OmniConfig fields merged into the preset, e.g.
     {"speech_decoder": {"unit_vocab": 500}, "encoder_source": "/models/large-v3.pt"}.
-    With a checkpoint only `speech_decoder` may be overridden, which starts a fresh decoder
-    (for a unit vocabulary other than the checkpoint's).
+    With a checkpoint only `speech_decoder` may be overridden: a change that keeps the
+    weights' shapes (e.g. attention_window) keeps the trained decoder, any other (e.g. a
+    unit vocabulary other than the checkpoint's) starts a fresh one.
     base_dir: directory holding `llm/` for presets whose LLM source is "embedded".
     dtype: the weights' dtype (bf16 weights for 8B models under DeepSpeed).
     """

@@ -32,10 +32,16 @@ def build_model(spec: ModelSpec, device: torch.device | str | None = None) -> Om
         return OmniModel.initialize(config, base_dir=spec.base_dir, device=device, dtype=dtype)
     model = load_model(spec.checkpoint, device=device, dtype=dtype)
     if "speech_decoder" in spec.overrides:
-        decoder = model.config.speech_decoder.replace(**spec.overrides["speech_decoder"])
-        log.info("starting a fresh speech decoder: %s", decoder)
-        model.config = model.config.replace(speech_decoder=decoder)
-        model.speech_decoder = SpeechDecoder(decoder, device=device, dtype=dtype)
+        config = model.config.speech_decoder.replace(**spec.overrides["speech_decoder"])
+        decoder = SpeechDecoder(config, device=device, dtype=dtype)
+        old = model.speech_decoder.state_dict()
+        if {k: v.shape for k, v in old.items()} == {k: v.shape for k, v in decoder.state_dict().items()}:
+            decoder.load_state_dict(old)  # e.g. a new attention_window: the weights still fit
+            log.info("speech decoder config changed, weights kept: %s", config)
+        else:
+            log.info("starting a fresh speech decoder: %s", config)
+        model.config = model.config.replace(speech_decoder=config)
+        model.speech_decoder = decoder
     return model
 
 
