@@ -83,6 +83,13 @@ def test_three_items_end_to_end(tiny_model, tmp_path):
         assert again.exit_code == 0, again.output
         assert (out / "items" / "llama-omni" / "q2.json").stat().st_mtime_ns == stamp
 
+        # a checkpoint rebuilt in place (same path, new weights) must not reuse those results
+        with torch.no_grad():
+            tiny_model.speech_decoder.output_proj.bias.add_(0.5)
+        save_checkpoint(tiny_model, checkpoint)
+        rebuilt = CliRunner().invoke(app, args)
+        assert rebuilt.exit_code != 0 and "weights" in str(rebuilt.exception)
+
 
 @pytest.mark.parametrize("args, message", [
     (["--chunk-sizes", "10,0"], "positive integers or 'inf'"),

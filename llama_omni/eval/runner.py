@@ -15,6 +15,7 @@ settings that make results comparable; resuming with other settings is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+import torch
 from tqdm import tqdm
 
 from llama_omni.audio import AudioError
@@ -121,7 +123,8 @@ class Evaluator:
         model's own LLM, whose gold answers then serve both systems."""
         self.model, self.vocoder, self.options = model, vocoder, options
         self.out = Path(out_dir)
-        self.run_info = {**run_info, "settings": options.fingerprint()}
+        self.run_info = {**run_info, "weights": weights_fingerprint(model, vocoder, cascade_llm),
+                         "settings": options.fingerprint()}
         self.store = ItemStore(self.out / "items")
         self.asr = ASR(options.asr_model, device=options.device, threads=options.threads)
         self.utmos = UTMOS()
@@ -293,7 +296,7 @@ class Evaluator:
         path = self.out / "run.json"
         if path.is_file():
             before = json.loads(path.read_text())
-            changed = sorted(k for k in ("model", "set", "settings")
+            changed = sorted(k for k in ("model", "weights", "set", "settings")
                              if before.get(k) != self.run_info.get(k))
             if changed:
                 raise ValueError(f"{self.out} holds results made with other {', '.join(changed)} "
@@ -301,6 +304,19 @@ class Evaluator:
         self.out.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.run_info, indent=2))
+
+
+def weights_fingerprint(*modules: torch.nn.Module | None) -> str:
+    """sha256 over the modules' parameter names and bytes: a checkpoint rebuilt in place
+    (same path, new weights) must not reuse the per-item results of the old one."""
+    digest = hashlib.sha256()
+    for module in modules:
+        if module is None:
+            continue
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def _answer(events: Iterable[Event]) -> Answer:
