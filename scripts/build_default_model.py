@@ -44,14 +44,21 @@ def main() -> None:
         adapter = staged / LORA_SUBDIR / ADAPTER_WEIGHTS
         save_file(_half(load_file(adapter)), adapter, metadata={"format": "pt"})
         payload = json.loads((staged / CONFIG_FILE).read_text())
+        # the decoder's config (e.g. its attention window) comes with its weights
+        stage2_config = json.loads((args.stage2 / CONFIG_FILE).read_text())["config"]
+        payload["config"]["speech_decoder"] = stage2_config["speech_decoder"]
         adapter_config = staged / LORA_SUBDIR / ADAPTER_CONFIG  # drop this machine's path
         settings = json.loads(adapter_config.read_text())
         settings["base_model_name_or_path"] = payload["config"]["llm"]["source"]
+        settings["target_modules"] = sorted(settings["target_modules"])  # peft keeps a set
         adapter_config.write_text(json.dumps(settings, indent=2) + "\n")
         payload["config"]["vocoder_source"] = str(Path("..") / DEFAULT_VOCODER_DIR.name)
         (staged / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         load_model(staged)  # refuse to install anything that does not load
         if out.exists():
+            card = out / "MODEL_CARD.md"  # written by hand: kept across rebuilds
+            if card.is_file():
+                shutil.copy2(card, staged / card.name)
             shutil.rmtree(out)
         (staged / LORA_SUBDIR / "README.md").unlink(missing_ok=True)  # peft's empty template
         staged.chmod(0o755)
