@@ -193,20 +193,13 @@ def decoder_steps(model: OmniModel, repeats: int) -> dict:
         "decoder_step_ratio_400_20": steps["incremental"]["400"] / steps["incremental"]["20"],
     }
     if window is not None:
-        full = with_full_attention(model.speech_decoder)
+        full, _ = model.speech_decoder.reconfigured(attention_window=None)
         full_steps = decoder_step_ms(full, repeats)
         report["decoder_step_ms_full_attention"] = full_steps["incremental"]
         report["decoder_step_ratio_400_20_full_attention"] = (
             full_steps["incremental"]["400"] / full_steps["incremental"]["20"]
         )
     return report
-
-
-def with_full_attention(decoder: SpeechDecoder) -> SpeechDecoder:
-    full = SpeechDecoder(decoder.config.replace(attention_window=None))
-    full.load_state_dict(decoder.state_dict())
-    param = next(decoder.parameters())
-    return full.to(param.device, param.dtype).eval()
 
 
 @torch.inference_mode()

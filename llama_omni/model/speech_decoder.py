@@ -309,6 +309,19 @@ class SpeechDecoder(StreamingModule[DecoderState]):
         inv = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv, persistent=False)
 
+    def reconfigured(self, **changes: Any) -> tuple["SpeechDecoder", bool]:
+        """A decoder with config fields changed, on this one's device and dtype, and whether
+        it kept these weights (they fit, e.g. for a new attention_window) or starts fresh."""
+        param = next(self.parameters())
+        decoder = SpeechDecoder(self.config.replace(**changes), device=param.device, dtype=param.dtype)
+        weights = self.state_dict()
+        kept = {k: v.shape for k, v in weights.items()} == {
+            k: v.shape for k, v in decoder.state_dict().items()
+        }
+        if kept:
+            decoder.load_state_dict(weights)
+        return decoder.train(self.training), kept
+
     def _init_streaming_state(self, batch_size: int) -> DecoderState:
         caches = [LayerCache(self.config.attention_window) for _ in self.layers]
         return DecoderState(batch_size, caches)

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from llama_omni.model.omni import OmniConfig, OmniModel
-from llama_omni.model.speech_decoder import SpeechDecoder
 from llama_omni.train.config import LoraSpec, ModelSpec, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -32,15 +31,10 @@ def build_model(spec: ModelSpec, device: torch.device | str | None = None) -> Om
         return OmniModel.initialize(config, base_dir=spec.base_dir, device=device, dtype=dtype)
     model = load_model(spec.checkpoint, device=device, dtype=dtype)
     if "speech_decoder" in spec.overrides:
-        config = model.config.speech_decoder.replace(**spec.overrides["speech_decoder"])
-        decoder = SpeechDecoder(config, device=device, dtype=dtype)
-        old = model.speech_decoder.state_dict()
-        if {k: v.shape for k, v in old.items()} == {k: v.shape for k, v in decoder.state_dict().items()}:
-            decoder.load_state_dict(old)  # e.g. a new attention_window: the weights still fit
-            log.info("speech decoder config changed, weights kept: %s", config)
-        else:
-            log.info("starting a fresh speech decoder: %s", config)
-        model.config = model.config.replace(speech_decoder=config)
+        decoder, kept = model.speech_decoder.reconfigured(**spec.overrides["speech_decoder"])
+        log.info("speech decoder config changed, %s: %s",
+                 "weights kept" if kept else "starting fresh", decoder.config)
+        model.config = model.config.replace(speech_decoder=decoder.config)
         model.speech_decoder = decoder
     return model
 
