@@ -70,7 +70,9 @@ def main() -> None:
 
 def run_all(model, vocoder, audios, repeats: int, tokens: int) -> dict[str, list[Answer]]:
     """Answers per configuration: "text" (no speech) and each Omega of OMEGAS."""
-    configs = {"text": {"speech": False}, **{k: {"chunk_size": o} for k, o in OMEGAS.items()}}
+    # "text" and "40" run back to back: their pairs give speech_overhead_ratio.
+    configs = {"text": {"speech": False}, "40": {"chunk_size": 40}}
+    configs.update({k: {"chunk_size": o} for k, o in OMEGAS.items() if k != "40"})
     engines = {
         key: Engine(
             model, vocoder, EngineOptions(max_new_tokens=tokens, ignore_eos=True, **options)
@@ -89,19 +91,21 @@ def run_all(model, vocoder, audios, repeats: int, tokens: int) -> dict[str, list
 
 
 def summarize(runs: dict[str, list[Answer]]) -> dict:
+    """Medians over the runs; the overhead ratio is the median of per-pair ratios (each
+    pair: one question, text-only then text+speech back to back), so slow drifts of the
+    machine's load cancel; its quartiles show how much the machine moved."""
     text_only, text_speech = runs["text"], runs["40"]
-    text_ms, speech_ms = (
-        median(a.total_ms for a in text_only),
-        median(a.total_ms for a in text_speech),
-    )
+    pair_ratios = sorted(s.total_ms / t.total_ms for t, s in zip(text_only, text_speech))
+    quartiles = statistics.quantiles(pair_ratios, n=4) if len(pair_ratios) > 1 else pair_ratios * 3
     return {
         "units_per_token": median(len(a.units) / len(a.token_ids) for a in text_speech),
         "first_text_ms": median(a.first_text_ms for a in text_only + text_speech),
         "first_audio_ms": {k: median(a.first_audio_ms for a in runs[k]) for k in OMEGAS},
         "lagging_words": {k: median(a.lagging_words for a in runs[k]) for k in OMEGAS},
-        "text_only_ms": text_ms,
-        "text_speech_ms": speech_ms,  # with Omega 40
-        "speech_overhead_ratio": speech_ms / text_ms,
+        "text_only_ms": median(a.total_ms for a in text_only),
+        "text_speech_ms": median(a.total_ms for a in text_speech),  # with Omega 40
+        "speech_overhead_ratio": median(pair_ratios),
+        "speech_overhead_ratio_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
         "llm_tokens_per_s": median(
             (len(a.token_ids) - 1) * 1000 / (a.total_ms - a.first_text_ms) for a in text_only
         ),
@@ -116,7 +120,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", type=Path, help="checkpoint directory")
     parser.add_argument("--vocoder", type=Path, help="vocoder directory")
     parser.add_argument("--audio", type=Path, nargs="*", help="spoken questions (sound files)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per question")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per question")
     parser.add_argument("--answer-tokens", type=int, default=64, help="tokens per answer")
     parser.add_argument(
         "--threads",
