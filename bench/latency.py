@@ -95,7 +95,7 @@ def summarize(runs: dict[str, list[Answer]]) -> dict:
     pair: one question, text-only then text+speech back to back), so slow drifts of the
     machine's load cancel; its quartiles show how much the machine moved."""
     text_only, text_speech = runs["text"], runs["40"]
-    pair_ratios = sorted(s.total_ms / t.total_ms for t, s in zip(text_only, text_speech))
+    pair_ratios = [s.total_ms / t.total_ms for t, s in zip(text_only, text_speech)]
     quartiles = statistics.quantiles(pair_ratios, n=4) if len(pair_ratios) > 1 else pair_ratios * 3
     return {
         "units_per_token": median(len(a.units) / len(a.token_ids) for a in text_speech),
