@@ -53,7 +53,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, vocoder, model_label, vocoder_label = load_system(args.model, args.vocoder)
     audios = [load_audio(p) for p in args.audio] if args.audio else synthesize(QUESTIONS)
-    runs = run_all(model, vocoder, audios, args.repeats, args.answer_tokens)
+    runs, in_child = run_all(model, vocoder, audios, args.repeats, args.answer_tokens)
     report = {
         "model": model_label,
         "vocoder": vocoder_label,
@@ -62,16 +62,22 @@ def main() -> None:
         "threads": args.threads,
         "answer_tokens": args.answer_tokens,
         "fixed_length": "stop tokens ignored: every answer has answer_tokens tokens",
-        **summarize(runs),
+        **summarize(runs, in_child),
         **decoder_steps(model, args.repeats),
     }
     print(json.dumps(report, indent=2))
 
 
-def run_all(model, vocoder, audios, repeats: int, tokens: int) -> dict[str, list[Answer]]:
-    """Answers per configuration: "text" (no speech) and each Omega of OMEGAS."""
-    # "text" and "40" run back to back: their pairs give speech_overhead_ratio.
-    configs = {"text": {"speech": False}, "40": {"chunk_size": 40}}
+def run_all(model, vocoder, audios, repeats: int, tokens: int) -> tuple[dict, bool]:
+    """Answers per configuration ("text": no speech; each Omega of OMEGAS; "40-in-process"),
+    and whether the default engine ran its speech path in a child process."""
+    # "text", "40" and "40-in-process" run back to back: their pairs give the overhead
+    # ratios. "40" is the engine's default (on CPU: the speech path in a child process).
+    configs = {
+        "text": {"speech": False},
+        "40": {"chunk_size": 40},
+        "40-in-process": {"chunk_size": 40, "speech_process": False},
+    }
     configs.update({k: {"chunk_size": o} for k, o in OMEGAS.items() if k != "40"})
     engines = {
         key: Engine(
@@ -81,22 +87,23 @@ def run_all(model, vocoder, audios, repeats: int, tokens: int) -> dict[str, list
     }
     for audio in audios:  # warm-up: first calls allocate and tune kernels
         collect(engines["40"].stream([audio]), 1)
+        collect(engines["40-in-process"].stream([audio]), 1)
+    if engines["40"].speech_in_child_process:
+        engines["40"].speech_worker.wait_ready()  # timed runs: all in the child process
     # Interleaved, so a change in machine load hits every configuration alike.
     runs: dict[str, list[Answer]] = {key: [] for key in configs}
     for _ in range(repeats):
         for audio in audios:
             for key, engine in engines.items():
                 runs[key].append(collect(engine.stream([audio]), 1)[0])
-    return runs
+    return runs, engines["40"].speech_in_child_process
 
 
-def summarize(runs: dict[str, list[Answer]]) -> dict:
+def summarize(runs: dict[str, list[Answer]], speech_in_child_process: bool) -> dict:
     """Medians over the runs; the overhead ratio is the median of per-pair ratios (each
     pair: one question, text-only then text+speech back to back), so slow drifts of the
     machine's load cancel; its quartiles show how much the machine moved."""
     text_only, text_speech = runs["text"], runs["40"]
-    pair_ratios = [s.total_ms / t.total_ms for t, s in zip(text_only, text_speech)]
-    quartiles = statistics.quantiles(pair_ratios, n=4) if len(pair_ratios) > 1 else pair_ratios * 3
     return {
         "units_per_token": median(len(a.units) / len(a.token_ids) for a in text_speech),
         "first_text_ms": median(a.first_text_ms for a in text_only + text_speech),
@@ -104,12 +111,27 @@ def summarize(runs: dict[str, list[Answer]]) -> dict:
         "lagging_words": {k: median(a.lagging_words for a in runs[k]) for k in OMEGAS},
         "text_only_ms": median(a.total_ms for a in text_only),
         "text_speech_ms": median(a.total_ms for a in text_speech),  # with Omega 40
-        "speech_overhead_ratio": median(pair_ratios),
-        "speech_overhead_ratio_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
+        **overhead_ratio(text_only, text_speech, ""),
+        "speech_in_child_process": speech_in_child_process,
+        "text_speech_in_process_ms": median(a.total_ms for a in runs["40-in-process"]),
+        **overhead_ratio(text_only, runs["40-in-process"], "_in_process"),
         "llm_tokens_per_s": median(
             (len(a.token_ids) - 1) * 1000 / (a.total_ms - a.first_text_ms) for a in text_only
         ),
         "real_time_factor": median(a.total_ms / 1000 / a.audio_seconds for a in text_speech),
+    }
+
+
+def overhead_ratio(text_only: list[Answer], text_speech: list[Answer], suffix: str) -> dict:
+    """Median and quartiles of the per-pair ratios text+speech / text-only time."""
+    ratios = [s.total_ms / t.total_ms for t, s in zip(text_only, text_speech)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {
+        f"speech_overhead_ratio{suffix}": median(ratios),
+        f"speech_overhead_ratio{suffix}_quartiles": [
+            round(quartiles[0], 3),
+            round(quartiles[2], 3),
+        ],
     }
 
 

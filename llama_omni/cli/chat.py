@@ -75,6 +75,8 @@ def chat(
         sampling=_checked(lambda: SamplingOptions(temperature, top_p), "--temperature/--top-p"),
         max_new_tokens=_checked(lambda: _positive(max_new_tokens), "--max-new-tokens"),
         chunk_size=_checked(lambda: _omega(chunk_size), "--chunk-size"),
+        # One answer is over before a speech child process would be up: keep it in-process.
+        speech_process=None if interactive else False,
     )
     wave = None if interactive else _read(audio)  # a bad file fails before the model loads
     omni, voice = _load(model, vocoder)

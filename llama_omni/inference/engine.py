@@ -8,7 +8,9 @@ included, as in the published model) goes to the speech path at once, which turn
 into units and, every Omega units, into audio. Everything comes out as typed events.
 By default (options.overlap) the LLM computes the next token on a helper thread while
 the speech path works on the current one, so speech adds little to the decode time
-when a second core is free.
+when a second core is free. With options.speech_process the speech path runs in a child
+process instead of the engine's thread (the default on CPU): no GIL shared with the LLM,
+and a chunk's vocoder call never holds the loop back.
 
 Audio length policy: an input must give at least one speech embedding (about 0.1 s)
 and last at most the encoder's context (30 s for Whisper). Longer inputs are refused
@@ -17,6 +19,8 @@ with an error rather than trimmed (the published code silently cut them at 30 s)
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ from llama_omni.inference.events import Answer, Clock, End, Event, TextDelta, co
 from llama_omni.inference.runner import StepRunner
 from llama_omni.inference.sampling import SamplingOptions, TokenSelector
 from llama_omni.inference.speech_path import DECODER_MODES, SpeechPath
+from llama_omni.inference.speech_worker import RemoteSpeechPath, SpeechWorker
 from llama_omni.inference.vocoder_stream import StreamingVocoder, VocoderStreamOptions
 from llama_omni.model.llm import LLMOutput
 from llama_omni.model.omni import OmniModel
@@ -51,6 +56,10 @@ class EngineOptions:
     ignore_eos: bool = False  # decode exactly max_new_tokens tokens (benchmarks)
     decoder_mode: str = "incremental"  # or "recompute" (the published per-token rerun)
     overlap: bool = True  # next LLM step on a helper thread while the speech path runs
+    # The speech path in a child process (speech_worker.py). None: on CPU under POSIX, once
+    # the child has started (requests before that, or while it is busy, run in-process);
+    # True: always, waiting for it.
+    speech_process: bool | None = None
 
     def __post_init__(self) -> None:
         require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -124,6 +133,22 @@ class Engine:
             problem = vocoder_mismatch(model, vocoder)
             require(problem is None, f"vocoder does not fit the model: {problem}")
             self.vocoder = StreamingVocoder(vocoder, self.options.vocoder)
+        if self.options.speech and self.speech_in_child_process:
+            _ = self.speech_worker  # starts it now, so it is ready by the first answer
+
+    @property
+    def speech_in_child_process(self) -> bool:
+        choice = self.options.speech_process
+        if choice is None:
+            device = next(self.model.speech_decoder.parameters()).device
+            return device.type == "cpu" and os.name == "posix"
+        return choice
+
+    @property
+    def speech_worker(self) -> SpeechWorker:
+        """The child process of this model's speech decoder and vocoder (started on demand)."""
+        vocoder = self.vocoder.vocoder if self.vocoder else None
+        return SpeechWorker.shared(self.model.speech_decoder, vocoder)
 
     # -- requests from audio ---------------------------------------------------------------
     @property
@@ -203,6 +228,7 @@ class Engine:
         pad_id = llm.pad_token_id if llm.pad_token_id is not None else int(stop_ids[0])
         texts = [Detokenizer(llm.tokenizer) for _ in range(batch)]
         alive = torch.ones(batch, dtype=torch.bool, device=embeds.device)  # [B]
+        ends: list[tuple[int, int, str]] = []  # (step, request, reason), in step order
         out = llm(embeds, attention_mask, positions, past_key_values=cache, use_cache=True)
         with self._speech_path(batch, clock) as speech, StepRunner(opts.overlap) as runner:
             for step in range(opts.max_new_tokens):
@@ -224,14 +250,36 @@ class Engine:
                     )
                     positions = positions[:, -1:] + 1  # [B, 1]
                     following = runner.submit(self._step, tokens, attention_mask, positions, out)
+                ends.extend(
+                    (step, b, "stop" if stopped[b] else "length")
+                    for b in finals.nonzero().flatten().tolist()
+                )
                 if speech is not None:
                     yield from speech.step(states, was_alive, word_starts, finals.tolist())
-                for b in finals.nonzero().flatten().tolist():
-                    yield End(b, clock.ms(), "stop" if stopped[b] else "length")
+                yield from self._ends(ends, speech, clock)
                 if not alive.any():
                     break
-                out = following.result()
+                if isinstance(speech, RemoteSpeechPath) and opts.overlap:
+                    out = yield from speech.wait(following)
+                    yield from self._ends(ends, speech, clock)
+                else:
+                    out = following.result()
+            if isinstance(speech, RemoteSpeechPath):
+                yield from speech.finish()
+                yield from self._ends(ends, speech, clock)
         return Decoded([t.ids for t in texts], out.past_key_values, attention_mask)
+
+    @staticmethod
+    def _ends(ends: list[tuple[int, int, str]], speech, clock: Clock) -> Iterator[End]:
+        """End events of the requests whose last step's speech is out; `ends` shrinks.
+
+        In-process the speech of a step is out when `step` returns; a RemoteSpeechPath
+        counts the steps it has finished.
+        """
+        done = speech.done_steps if isinstance(speech, RemoteSpeechPath) else math.inf
+        while ends and ends[0][0] < done:
+            _, b, reason = ends.pop(0)
+            yield End(b, clock.ms(), reason)
 
     def _step(
         self, tokens: torch.Tensor, attention_mask, positions, previous: LLMOutput
@@ -246,16 +294,17 @@ class Engine:
             use_cache=True,
         )
 
-    def _speech_path(self, batch: int, clock: Clock) -> SpeechPath | nullcontext:
+    def _speech_path(self, batch: int, clock: Clock) -> SpeechPath | RemoteSpeechPath | nullcontext:
         opts = self.options
         if not opts.speech:
             return nullcontext(None)
-        return SpeechPath(
-            self.model.speech_decoder,
-            self.vocoder,
-            batch,
-            clock,
-            chunk_size=opts.chunk_size,
-            cut_at_word_ends=opts.cut_at_word_ends,
-            decoder_mode=opts.decoder_mode,
-        )
+        path_options = {
+            "chunk_size": opts.chunk_size,
+            "cut_at_word_ends": opts.cut_at_word_ends,
+            "decoder_mode": opts.decoder_mode,
+        }
+        if self.speech_in_child_process:
+            worker = self.speech_worker
+            if worker.take(wait=opts.speech_process is True):
+                return worker.path(batch, clock, opts.vocoder, **path_options)
+        return SpeechPath(self.model.speech_decoder, self.vocoder, batch, clock, **path_options)
