@@ -132,14 +132,19 @@ class SpeechWorker:
         return self._ready
 
     def close(self) -> None:
-        if self.alive:
-            try:
-                self._conn.send(("quit",))
-                self._process.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                self._process.kill()
-                self._process.wait()
+        """Stop the child: ask it to quit when ready, else (still starting up) kill it."""
+        if self.alive and not (self._ready and self._quit()):
+            self._process.kill()
+            self._process.wait()
         self._conn.close()
+
+    def _quit(self) -> bool:
+        try:
+            self._conn.send(("quit",))
+            self._process.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return True
 
     def send(self, message: tuple) -> None:
         try:
