@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from llama_omni.inference.engine import Engine, vocoder_mismatch
+from llama_omni.inference.engine import Engine, EngineOptions, vocoder_mismatch
 from llama_omni.model.omni import OmniModel
 from llama_omni.model.vocoder import UnitVocoder
 from llama_omni.serve.metrics import Metrics
@@ -62,7 +62,7 @@ class Server:
         self.scheduler = Scheduler(
             model, None if self.audio_problem else vocoder, max_queue, max_batch
         )
-        encoder_seconds = Engine(model, None).max_audio_seconds
+        encoder_seconds = Engine(model, None, EngineOptions(speech=False)).max_audio_seconds
         self.limits = limits
         if limits.max_audio_seconds > encoder_seconds:
             self.limits = ServerLimits(**{**vars(limits), "max_audio_seconds": encoder_seconds})
