@@ -94,6 +94,7 @@ class SpeechWorker:
         self._sending = threading.Thread(target=self._send_quietly, args=(specs,), daemon=True)
         self._sending.start()
         self._ready = False
+        self._ready_lock = threading.Lock()
         self._busy = threading.Lock()  # one request batch at a time
 
     def _send_quietly(self, specs: tuple) -> None:
@@ -172,10 +173,11 @@ class SpeechWorker:
         )
 
     def wait_ready(self) -> None:
-        if not self._ready:
-            if self.recv()[0] != "ready":
-                raise SpeechWorkerError("the speech worker sent something before 'ready'")
-            self._ready = True
+        with self._ready_lock:  # one reader of the "ready" message
+            if not self._ready:
+                if self.recv()[0] != "ready":
+                    raise SpeechWorkerError("the speech worker sent something before 'ready'")
+                self._ready = True
 
     def take(self, wait: bool = True) -> bool:
         """Reserve the worker for one request batch (RemoteSpeechPath releases it).
