@@ -259,24 +259,20 @@ class Engine:
                 yield from self._ends(ends, speech, clock)
                 if not alive.any():
                     break
-                if isinstance(speech, RemoteSpeechPath) and opts.overlap:
-                    out = yield from speech.wait(following)
-                    yield from self._ends(ends, speech, clock)
-                else:
+                if speech is None:
                     out = following.result()
-            if isinstance(speech, RemoteSpeechPath):
+                else:
+                    out = yield from speech.wait(following)  # events arrive meanwhile
+                    yield from self._ends(ends, speech, clock)
+            if speech is not None:
                 yield from speech.finish()
                 yield from self._ends(ends, speech, clock)
         return Decoded([t.ids for t in texts], out.past_key_values, attention_mask)
 
     @staticmethod
     def _ends(ends: list[tuple[int, int, str]], speech, clock: Clock) -> Iterator[End]:
-        """End events of the requests whose last step's speech is out; `ends` shrinks.
-
-        In-process the speech of a step is out when `step` returns; a RemoteSpeechPath
-        counts the steps it has finished.
-        """
-        done = speech.done_steps if isinstance(speech, RemoteSpeechPath) else math.inf
+        """End events of the requests whose last step's speech is out; `ends` shrinks."""
+        done = math.inf if speech is None else speech.done_steps
         while ends and ends[0][0] < done:
             _, b, reason = ends.pop(0)
             yield End(b, clock.ms(), reason)

@@ -9,9 +9,11 @@ new units, optionally cut at a word end) the streaming vocoder turns it into aud
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterator
+from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Any, Self
 
 import torch
 
@@ -97,6 +99,7 @@ class SpeechPath:
         )
         self.decoder_mode = decoder_mode
         self.tracks = [_Track() for _ in range(batch_size)]
+        self.done_steps = 0  # steps whose events are out (all of them, in-process)
         self._stack = ExitStack()
 
     def __enter__(self) -> Self:
@@ -138,7 +141,16 @@ class SpeechPath:
                 track.units.extend(new_units[b])
                 events.append(Units(b, self.clock.ms(), tuple(new_units[b])))
             events.extend(self._audio(b, track, final=finals[b]))
+        self.done_steps += 1
         return events
+
+    def wait(self, future: Future | Any) -> Generator[Event, None, Any]:
+        """The result of the LLM's next step (the same call as RemoteSpeechPath's)."""
+        return future.result()
+        yield  # a generator, like RemoteSpeechPath.wait: nothing arrives in-process
+
+    def finish(self) -> Iterator[Event]:
+        return iter(())
 
     def _audio(self, b: int, track: _Track, final: bool) -> list[Event]:
         if self.vocoder is None:

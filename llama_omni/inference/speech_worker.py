@@ -263,8 +263,10 @@ class RemoteSpeechPath:
             events.extend(self._receive())
         return events
 
-    def wait(self, future: Future) -> Generator[Event, None, Any]:
+    def wait(self, future: Future | Any) -> Generator[Event, None, Any]:
         """Yield events from the worker until `future` is done; return its result."""
+        if not isinstance(future, Future):  # a step deferred to this thread (no overlap)
+            return future.result()
         future.add_done_callback(lambda _: self._wake_w.send_bytes(b""))
         while not future.done():
             ready = wait([self.worker._conn, self._wake_r])
