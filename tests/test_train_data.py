@@ -1,5 +1,6 @@
 """Training data: manifest and published-format readers, label masks, collation, split."""
 
+import dataclasses
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from llama_omni.train.data import (
     read_conversations,
     split_heldout,
     tokenize,
+    written,
 )
 from train_helpers import word_units, write_manifest, write_wav
 
@@ -109,6 +111,20 @@ def test_label_mask_covers_answers_only(tmp_path, tokenizer):
     first = slots[0]
     assert labels[first : first + 4] == [IGNORE_INDEX] * 4
     assert [x for x in labels if x != IGNORE_INDEX] == [x for x in tokens.labels if x != IGNORE_INDEX]
+
+
+def test_written_conversation_reads_transcripts_instead_of_speech(tmp_path, tokenizer):
+    item = read_conversations(write_manifest(tmp_path, items=1, turns=2))[0]
+    text = written(item)
+    assert [t.text for t in text.turns[::2]] == ["question 0", "question 1"]
+    assert text.audio == [] and text.turns[1::2] == item.turns[1::2]
+    spoken, typed = tokenize(item, tokenizer, LLAMA3), tokenize(text, tokenizer, LLAMA3)
+    assert SPEECH_TOKEN_INDEX not in typed.ids and "question 1" in tokenizer.decode(typed.ids)
+    assert ([x for x in typed.labels if x != IGNORE_INDEX]
+            == [x for x in spoken.labels if x != IGNORE_INDEX])
+    unknown = dataclasses.replace(item.turns[2], transcript=None)
+    with pytest.raises(DataError, match="item-0.*no transcript"):
+        written(dataclasses.replace(item, turns=(*item.turns[:2], unknown, item.turns[3])))
 
 
 def test_collation_pads_right_with_ignore(tmp_path, tokenizer):

@@ -7,11 +7,18 @@ from llama_omni.model.checkpoint import load_model
 from llama_omni.train.export import export_checkpoint
 from llama_omni.train.model_setup import prepare_model
 from llama_omni.train.run import build_stage
-from llama_omni.model.prompt import IGNORE_INDEX
-from llama_omni.train.stage1 import Stage1Module, answer_states, teacher_forced
+from llama_omni.model.prompt import IGNORE_INDEX, SPEECH_TOKEN_INDEX
+from llama_omni.train.stage1 import (
+    Stage1Module,
+    answer_states,
+    divergence,
+    teacher_forced,
+    written_logits,
+)
 from train_helpers import one_thread, save_small_vocab_llm, tiny_config, write_manifest  # noqa: F401
 
 CHATML = {"llm": {"prompt_style": "chat-template"}}
+SHARPEN = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +105,66 @@ def test_stage2_inputs_are_the_models_answer_states(tmp_path, tiny_llm_dir, data
         _, reference, lengths = model.answer_states(speech, prompts, answers)
     for b, (item, n) in enumerate(zip(ours, lengths.tolist())):
         torch.testing.assert_close(item[0], reference[b, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_distillation_teacher_is_the_backbone_reading_the_transcript(tmp_path, tiny_llm_dir, data):
+    plain, _, batch = setup(tmp_path, tiny_llm_dir, data, "stage1", tuning="adaptor", distill=1.0)
+    model, _, lora_batch = setup(tmp_path, tiny_llm_dir, data, "stage1", tuning="lora", distill=1.0)
+    assert lora_batch.written_ids == batch.written_ids
+    assert all(SPEECH_TOKEN_INDEX not in ids for ids in batch.written_ids)
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)  # LoRA now changes the LLM's outputs
+    model.eval()
+    teacher = written_logits(model.llm, lora_batch)  # [T, V]
+    torch.testing.assert_close(teacher, written_logits(plain.llm, batch))
+    assert teacher.shape[0] == int((batch.labels != IGNORE_INDEX).sum())
+    with torch.no_grad():  # the adapters are on again after the teacher's pass
+        embeds, mask, positions = model.llm.embed_prompt(lora_batch.written_ids, [], "right")
+        logits = model.llm(embeds, mask, positions).logits[:, :-1]
+    adapted = logits[lora_batch.written_labels[:, 1:] != IGNORE_INDEX]
+    assert (adapted - teacher).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("tuning", ["lora", "adaptor"])
+def test_distillation_adds_a_positive_term_in_training_only(tmp_path, tiny_llm_dir, data, tuning):
+    model, module, batch = setup(tmp_path, tiny_llm_dir, data, "stage1", tuning=tuning,
+                                 distill=0.5, **{"lora.dropout": 0.0})
+    loss, count = module.train()(batch)
+    (loss / count).backward()
+    got = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert got == {name for name, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        cross_entropy = Stage1Module(model.adaptor, model.llm).train()(batch)[0]
+        assert float(loss) > float(cross_entropy) + 1e-3
+        torch.testing.assert_close(module.eval()(batch)[0], cross_entropy)
+
+
+def test_distillation_pulls_spoken_answers_toward_the_written_ones(tmp_path, small_llm_dir, data):
+    """Same steps from the same start: the KL to the written question's answers ends much
+    lower with the distillation term than with the cross-entropy alone."""
+    def train(distill):
+        model, module, batch = setup(tmp_path, small_llm_dir, data, "stage1", tuning="adaptor",
+                                     distill=distill, **{"model.overrides": CHATML})
+        with torch.no_grad():  # sharper distributions than a random LLM's near-uniform ones
+            model.llm.model.get_output_embeddings().weight.mul_(SHARPEN)
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+        for _ in range(40):
+            loss, count = module.train()(batch)
+            (loss / count).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():
+            student = teacher_forced(model.adaptor, model.llm, batch).logits[:, :-1]
+            student = student[batch.labels[:, 1:] != IGNORE_INDEX].float()
+            teacher = written_logits(model.llm, batch) if distill else None
+            return student, teacher
+
+    with_kl, teacher = train(1.0)
+    without, _ = train(0.0)
+    # measured: 4.3 vs 8.8 (the cross-entropy pulls toward the data's tokens meanwhile)
+    assert float(divergence(with_kl, teacher)) < 0.6 * float(divergence(without, teacher))
 
 
 @pytest.mark.parametrize("merge", [True, False])

@@ -1,7 +1,7 @@
 """Datasets over cached tensors, their collation, and the epoch-seeded batch order.
 
 Stage 1 examples are token ids + labels + the cached encoder features of each speech
-slot; stage 2 examples are one answer each: its cached LLM states c_1..c_M and its units.
+slot (+ the written conversation's ids and labels when stage 1 distills); stage 2 examples are one answer each: its cached LLM states c_1..c_M and its units.
 Batches are dataclasses with `.to(device)`, which accelerate's loaders call.
 """
 
@@ -18,7 +18,14 @@ from torch.utils.data import Dataset, Sampler
 
 from llama_omni.model.llm import LLMConfig
 from llama_omni.model.prompt import IGNORE_INDEX
-from llama_omni.train.data import Conversation, expand_speech, tokenize
+from llama_omni.train.data import (
+    Conversation,
+    DataError,
+    Tokenized,
+    expand_speech,
+    tokenize,
+    written,
+)
 from llama_omni.train.features import TensorCache
 
 
@@ -39,6 +46,7 @@ class SpeechTextExample:
     labels: list[int]  # IGNORE_INDEX outside answers, aligned with ids
     feature_keys: list[str]  # encoder-feature cache keys, one per speech slot
     length: int  # text tokens + speech positions (max_length filter, caching order)
+    written: Tokenized | None = None  # the conversation with transcripts for speech
 
 
 @dataclass
@@ -48,6 +56,8 @@ class SpeechTextBatch(_Movable):
     ids: list[list[int]]  # [B] prompt-format ids, speech slots in order
     labels: torch.Tensor  # [B, L] aligned with the embedded sequence (right padding)
     positions: int  # real (non-padding) sequence positions, for tokens per second
+    written_ids: list[list[int]] | None = None  # [B] the written conversations' ids
+    written_labels: torch.Tensor | None = None  # [B, Lw] their labels (right padding)
 
 
 def speech_text_examples(
@@ -58,8 +68,13 @@ def speech_text_examples(
     features: TensorCache,
     downsample: int,
     max_length: int,
+    with_written: bool = False,
 ) -> tuple[list[SpeechTextExample], list[str]]:
-    """Tokenized examples whose features are cached; returns (kept, ids of too-long items)."""
+    """Tokenized examples whose features are cached; returns (kept, ids of too-long items).
+
+    with_written: also tokenize each conversation as text (`written`), for distillation;
+    its answer tokens must be the spoken version's.
+    """
     kept, too_long = [], []
     for conversation in conversations:
         tokens = tokenize(conversation, tokenizer, llm)
@@ -69,8 +84,16 @@ def speech_text_examples(
         if length > max_length:
             too_long.append(conversation.id)
             continue
-        kept.append(SpeechTextExample(conversation.id, tokens.ids, tokens.labels, keys, length))
+        text = tokenize(written(conversation), tokenizer, llm) if with_written else None
+        if text is not None and _answer_tokens(text) != _answer_tokens(tokens):
+            raise DataError(f"item {conversation.id!r}: its answers tokenize differently "
+                            "after a written question than after a spoken one")
+        kept.append(SpeechTextExample(conversation.id, tokens.ids, tokens.labels, keys, length, text))
     return kept, too_long
+
+
+def _answer_tokens(tokens: Tokenized) -> list[int]:
+    return [label for label in tokens.labels if label != IGNORE_INDEX]
 
 
 class SpeechTextDataset(Dataset):
@@ -99,12 +122,19 @@ class SpeechTextCollator:
         for example, feats in items:
             counts = [f.shape[0] // self.downsample for f in feats]
             labels.append(torch.tensor(expand_speech(example.ids, example.labels, counts)))
+        written = [example.written for example, _ in items]
+        has_written = all(w is not None for w in written)
         return SpeechTextBatch(
             features=pad_sequence(segments, batch_first=True).float(),  # [S, N, De]
             feature_lengths=lengths,
             ids=[example.ids for example, _ in items],
             labels=pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),  # [B, L]
             positions=sum(len(row) for row in labels),
+            written_ids=[w.ids for w in written] if has_written else None,
+            written_labels=pad_sequence(
+                [torch.tensor(w.labels) for w in written], batch_first=True,
+                padding_value=IGNORE_INDEX,
+            ) if has_written else None,  # [B, Lw]
         )
 
 

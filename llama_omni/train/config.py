@@ -140,6 +140,9 @@ class TrainConfig(ConfigBase):
     optim: OptimSpec = field(default_factory=OptimSpec)
     tuning: str = "full"
     lora: LoraSpec = field(default_factory=LoraSpec)
+    # Stage 1: weight of the distillation term (0 = the paper's cross-entropy alone), see
+    # llama_omni/train/stage1.py. Needs transcripts and a backbone that stays itself.
+    distill: float = 0.0
     batch_size: int = 32
     micro_batch_size: int = 4
     epochs: int = 3
@@ -161,6 +164,12 @@ class TrainConfig(ConfigBase):
         require(
             self.stage == "stage1" or self.tuning == "full",
             "tuning applies to stage 1 only (stage 2 trains the speech decoder); leave it 'full'",
+        )
+        require(self.distill >= 0, "distill must be >= 0")
+        require(
+            self.distill == 0 or (self.stage == "stage1" and self.tuning in ("lora", "adaptor")),
+            "distill applies to stage 1 with tuning 'lora' or 'adaptor' (its teacher is the "
+            "untouched backbone, which a full fine-tune changes)",
         )
         require(self.precision in PRECISIONS, f"precision {self.precision!r}: choose one of {PRECISIONS}")
         require(

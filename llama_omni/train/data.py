@@ -33,13 +33,14 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class TrainTurn:
     """A user turn (speech `audio`, or None for a text-only turn; prompt `text` after
-    the speech: None = the configured instruction) or an assistant turn (answer `text`,
-    optional target `units`)."""
+    the speech: None = the configured instruction; `transcript`: the words of the speech,
+    when known) or an assistant turn (answer `text`, optional target `units`)."""
 
     role: str
     text: str | None = None
     audio: Path | None = None
     units: tuple[int, ...] | None = None
+    transcript: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def check_audio_exists(conversations: Iterable[Conversation]) -> None:
 def _from_manifest(item: dict, root: Path) -> Conversation:
     """The user's text in a manifest is the transcript of its speech: not part of the prompt."""
     turns = [
-        TrainTurn("user", None, root / t["audio"]) if t["role"] == "user"
+        TrainTurn("user", None, root / t["audio"], transcript=t.get("text")) if t["role"] == "user"
         else TrainTurn("assistant", t["text"], None, _units(t.get("units")))
         for t in item["turns"]
     ]
@@ -143,6 +144,23 @@ def tokenize(conversation: Conversation, tokenizer: Any, llm: LLMConfig) -> Toke
             f"item {conversation.id!r}: {answers} answers but {len(spans)} labelled token runs"
         )
     return Tokenized(ids, labels)
+
+
+def written(conversation: Conversation) -> Conversation:
+    """The conversation as a text-only LLM would read it: each spoken user turn becomes its
+    transcript (followed by the turn's own prompt text, if any; not the instruction,
+    which asks about speech)."""
+    turns = []
+    for turn in conversation.turns:
+        if turn.role == "user" and turn.audio is not None:
+            if not turn.transcript:
+                raise DataError(
+                    f"item {conversation.id!r}: a spoken user turn has no transcript (the "
+                    "manifest's user 'text'); distillation reads it as the written question"
+                )
+            turn = TrainTurn("user", "\n".join(filter(None, [turn.transcript, turn.text])))
+        turns.append(turn)
+    return Conversation(conversation.id, tuple(turns))
 
 
 def answer_spans(labels: list[int]) -> list[tuple[int, int]]:

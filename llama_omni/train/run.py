@@ -92,7 +92,7 @@ def build_stage(config: TrainConfig, model: OmniModel) -> StageData:
     heldout = {c.id for c in eval_items}
     split = ([e for e in examples if e.id not in heldout], [e for e in examples if e.id in heldout])
     if config.stage == "stage1":
-        stage = _stage1(model, features, *split)
+        stage = _stage1(model, features, *split, distill=config.distill)
         frozen = [model.encoder, model.speech_decoder]
     else:
         stage = _stage2(model, config, features, *split, train_items + eval_items, processes)
@@ -150,7 +150,7 @@ def _examples(
     processes.wait_for_everyone()
     examples, too_long = speech_text_examples(
         items, model.llm.tokenizer, model.config.llm, keys, features,
-        model.adaptor.config.downsample, data.max_length,
+        model.adaptor.config.downsample, data.max_length, with_written=config.distill > 0,
     )
     if too_long:
         log.warning("skipped %d items longer than data.max_length=%d (e.g. %s)",
@@ -163,9 +163,10 @@ def _stage1(
     features: TensorCache,
     train_ex: list[SpeechTextExample],
     eval_ex: list[SpeechTextExample],
+    distill: float = 0.0,
 ) -> StageData:
     return StageData(
-        module=Stage1Module(model.adaptor, model.llm),
+        module=Stage1Module(model.adaptor, model.llm, distill),
         train=SpeechTextDataset(train_ex, features),
         eval=SpeechTextDataset(eval_ex, features),
         collate=SpeechTextCollator(model.adaptor.config.downsample),

@@ -2,9 +2,18 @@
 
 The encoder is frozen, so its features come from the cache; the module trained here
 holds only the adaptor and the LLM (whose parameters are full, LoRA, or frozen).
+
+Optional distillation (`distill` > 0, our addition to the paper): the backbone itself,
+reading the transcript as a written question (LoRA switched off), gives a next-token
+distribution at every answer token, and KL(written || spoken) is added to the loss. The
+cross-entropy sees one token per position; the teacher's whole distribution says what
+the backbone would have answered had it read the question, which is what a spoken
+question should make it do. Evaluation losses stay the cross-entropy alone.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +40,32 @@ def teacher_forced(adaptor: SpeechAdaptor, llm: SpeechLLM, batch: SpeechTextBatc
     return llm(embeds, mask, positions)  # logits [B, L, V], hidden [B, L, D]
 
 
-class Stage1Module(nn.Module):
-    """forward(batch) -> (summed cross-entropy, number of supervised tokens)."""
+@torch.no_grad()
+def written_logits(llm: SpeechLLM, batch: SpeechTextBatch) -> Tensor:
+    """[T, V] the backbone's logits at the T answer tokens of the written conversations,
+    with LoRA adapters (if any) switched off; in the order of the spoken batch's."""
+    if batch.written_ids is None or batch.written_labels is None:
+        raise ValueError("this batch has no written conversations: build the examples "
+                         "with_written=True (the config's distill > 0)")
+    backbone = getattr(llm.model, "disable_adapter", contextlib.nullcontext)
+    with backbone():
+        embeds, mask, positions = llm.embed_prompt(batch.written_ids, [], padding_side="right")
+        logits = llm(embeds, mask, positions).logits[:, :-1]  # [B, Lw-1, V]
+    return logits[batch.written_labels[:, 1:] != IGNORE_INDEX].float()
 
-    def __init__(self, adaptor: SpeechAdaptor, llm: SpeechLLM):
+
+class Stage1Module(nn.Module):
+    """forward(batch) -> (summed loss, number of supervised tokens).
+
+    The loss is the cross-entropy, plus `distill` x the summed KL from the written
+    question's answer distributions in training mode.
+    """
+
+    def __init__(self, adaptor: SpeechAdaptor, llm: SpeechLLM, distill: float = 0.0):
         super().__init__()
         self.adaptor = adaptor
         self.llm = llm
+        self.distill = distill
 
     def forward(self, batch: SpeechTextBatch) -> tuple[Tensor, Tensor]:
         out = teacher_forced(self.adaptor, self.llm, batch)
@@ -45,7 +73,18 @@ class Stage1Module(nn.Module):
         supervised = targets != IGNORE_INDEX
         logits = out.logits[:, :-1][supervised].float()  # [T, V]
         loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
+        if self.distill and self.training:
+            loss = loss + self.distill * divergence(logits, written_logits(self.llm, batch))
         return loss, supervised.sum()
+
+
+def divergence(student: Tensor, teacher: Tensor) -> Tensor:
+    """Summed KL(teacher || student) over T positions of [T, V] logits."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student logits {tuple(student.shape)} but teacher logits "
+                         f"{tuple(teacher.shape)}: the answers must be the same tokens")
+    return F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                    reduction="sum")
 
 
 @torch.no_grad()
