@@ -1,7 +1,8 @@
 """Datasets over cached tensors, their collation, and the epoch-seeded batch order.
 
 Stage 1 examples are token ids + labels + the cached encoder features of each speech
-slot (+ the written conversation's ids and labels when stage 1 distills); stage 2 examples are one answer each: its cached LLM states c_1..c_M and its units.
+slot (+ the written conversation's ids and labels when stage 1 distills); stage 2
+examples are one answer each: its cached LLM states c_1..c_M and its units.
 Batches are dataclasses with `.to(device)`, which accelerate's loaders call.
 """
 
@@ -123,18 +124,21 @@ class SpeechTextCollator:
             counts = [f.shape[0] // self.downsample for f in feats]
             labels.append(torch.tensor(expand_speech(example.ids, example.labels, counts)))
         written = [example.written for example, _ in items]
-        has_written = all(w is not None for w in written)
+        written_ids = written_labels = None
+        if all(w is not None for w in written):
+            written_ids = [w.ids for w in written]
+            written_labels = pad_sequence(  # [B, Lw]
+                [torch.tensor(w.labels) for w in written], batch_first=True,
+                padding_value=IGNORE_INDEX,
+            )
         return SpeechTextBatch(
             features=pad_sequence(segments, batch_first=True).float(),  # [S, N, De]
             feature_lengths=lengths,
             ids=[example.ids for example, _ in items],
             labels=pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),  # [B, L]
             positions=sum(len(row) for row in labels),
-            written_ids=[w.ids for w in written] if has_written else None,
-            written_labels=pad_sequence(
-                [torch.tensor(w.labels) for w in written], batch_first=True,
-                padding_value=IGNORE_INDEX,
-            ) if has_written else None,  # [B, Lw]
+            written_ids=written_ids,
+            written_labels=written_labels,
         )
 
 

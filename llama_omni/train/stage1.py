@@ -47,6 +47,7 @@ def written_logits(llm: SpeechLLM, batch: SpeechTextBatch) -> Tensor:
     if batch.written_ids is None or batch.written_labels is None:
         raise ValueError("this batch has no written conversations: build the examples "
                          "with_written=True (the config's distill > 0)")
+    # a peft model runs its base weights inside disable_adapter(); a plain one is the base
     backbone = getattr(llm.model, "disable_adapter", contextlib.nullcontext)
     with backbone():
         embeds, mask, positions = llm.embed_prompt(batch.written_ids, [], padding_side="right")
