@@ -51,8 +51,14 @@ def written_logits(llm: SpeechLLM, batch: SpeechTextBatch) -> Tensor:
     backbone = getattr(llm.model, "disable_adapter", contextlib.nullcontext)
     with backbone():
         embeds, mask, positions = llm.embed_prompt(batch.written_ids, [], padding_side="right")
-        logits = llm(embeds, mask, positions).logits[:, :-1]  # [B, Lw-1, V]
-    return logits[batch.written_labels[:, 1:] != IGNORE_INDEX].float()
+        logits = llm(embeds, mask, positions).logits  # [B, Lw, V]
+    return answer_logits(logits, batch.written_labels)
+
+
+def answer_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """[T, V] float32 logits of the positions that predict the T supervised tokens of
+    [B, L] labels (position t predicts token t+1), from [B, L, V]."""
+    return logits[:, :-1][labels[:, 1:] != IGNORE_INDEX].float()
 
 
 class Stage1Module(nn.Module):
@@ -72,7 +78,7 @@ class Stage1Module(nn.Module):
         out = teacher_forced(self.adaptor, self.llm, batch)
         targets = batch.labels[:, 1:]  # [B, L-1]: position t predicts token t+1
         supervised = targets != IGNORE_INDEX
-        logits = out.logits[:, :-1][supervised].float()  # [T, V]
+        logits = answer_logits(out.logits, batch.labels)  # [T, V]
         loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
         if self.distill and self.training:
             loss = loss + self.distill * divergence(logits, written_logits(self.llm, batch))
