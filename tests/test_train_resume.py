@@ -97,7 +97,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, small_llm_dir):
     assert_same_weights(killed, straight)
 
 
-@pytest.mark.parametrize("stage", ["stage2", "stage1"])
+@pytest.mark.parametrize("stage", ["stage2", "stage1", "align"])
 def test_resume_from_a_checkpoint_equals_uninterrupted(tmp_path, small_llm_dir, stage):
     """In process: restart from the step-4 checkpoint of a run and finish it again."""
     data = write_manifest(tmp_path / "data", items=3)

@@ -29,15 +29,18 @@ def write_wav(path: Path, seconds: float, seed: int) -> Path:
 
 
 def write_manifest(root: Path, items: int = 4, *, turns: int = 1, units: bool = True,
-                   unit_vocab: int = 32, seconds: float = 0.6) -> Path:
-    """A manifest directory in the data pipeline's format, with noise audio."""
+                   unit_vocab: int = 32, seconds: float = 0.6,
+                   transcripts: list[str] | None = None) -> Path:
+    """A manifest directory in the data pipeline's format, with noise audio; the user
+    turns' text is "question N", or transcripts[N % len] when given."""
     lines = []
     for i in range(items):
         conversation = []
         for t in range(turns):
             n = i * turns + t
             question = write_wav(root / "audio" / f"q{n}.wav", seconds + 0.1 * (n % 3), n)
-            conversation.append({"role": "user", "text": f"question {n}",
+            text = transcripts[n % len(transcripts)] if transcripts else f"question {n}"
+            conversation.append({"role": "user", "text": text,
                                  "audio": str(question.relative_to(root)), "voice": "test"})
             answer = {"role": "assistant", "text": ANSWERS[n % len(ANSWERS)],
                       "audio": f"audio/a{n}.wav", "voice": "test"}

@@ -1,5 +1,5 @@
-"""`llama-omni train stage1|stage2|export|heldout`: the two training stages, export of a
-training checkpoint, and held-out scoring of a model (before / after).
+"""`llama-omni train stage1|stage2|align|export|heldout`: the two training stages, the optional
+adaptor pre-alignment, export of a training checkpoint, and held-out scoring of a model.
 
 Every config field can be set from the command line with `--set key.path=value`
 (repeatable; values are YAML scalars), and the common ones have typed options. On
@@ -17,7 +17,8 @@ import typer
 
 train_app = typer.Typer(
     name="train",
-    help="Train LLaMA-Omni: stage 1 (speech -> text), stage 2 (speech decoder), export, heldout.",
+    help="Train LLaMA-Omni: stage 1 (speech -> text), stage 2 (speech decoder), align "
+    "(optional adaptor pre-alignment), export, heldout.",
     no_args_is_help=True,
 )
 
@@ -64,28 +65,38 @@ def stage1(
     }, checkpoint=checkpoint)
 
 
-@train_app.command("stage2")
-def stage2(
-    config: ConfigArg,
-    set_: SetOpt = None,
-    output_dir: OutputOpt = None,
-    data: DataOpt = None,
-    checkpoint: CheckpointOpt = None,
-    lr: LrOpt = None,
-    max_steps: StepsOpt = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = None,
-    micro_batch_size: MicroOpt = None,
-    precision: PrecisionOpt = None,
-    resume: ResumeOpt = None,
-    print_config: PrintOpt = False,
-) -> None:
-    """Stage 2: train the speech decoder with CTC on the frozen LLM's answer states."""
-    _run("stage2", config, set_, print_config, output_dir, {
-        "data.train": data, "optim.lr": lr, "max_steps": max_steps, "epochs": epochs,
-        "batch_size": batch_size, "micro_batch_size": micro_batch_size, "precision": precision,
-        "resume": resume,
-    }, checkpoint=checkpoint)
+def _frozen_llm_stage(stage: str):
+    """The command of a stage that trains one part under a frozen LLM (no tuning option)."""
+
+    def command(
+        config: ConfigArg,
+        set_: SetOpt = None,
+        output_dir: OutputOpt = None,
+        data: DataOpt = None,
+        checkpoint: CheckpointOpt = None,
+        lr: LrOpt = None,
+        max_steps: StepsOpt = None,
+        epochs: EpochsOpt = None,
+        batch_size: BatchOpt = None,
+        micro_batch_size: MicroOpt = None,
+        precision: PrecisionOpt = None,
+        resume: ResumeOpt = None,
+        print_config: PrintOpt = False,
+    ) -> None:
+        _run(stage, config, set_, print_config, output_dir, {
+            "data.train": data, "optim.lr": lr, "max_steps": max_steps, "epochs": epochs,
+            "batch_size": batch_size, "micro_batch_size": micro_batch_size,
+            "precision": precision, "resume": resume,
+        }, checkpoint=checkpoint)
+
+    return command
+
+
+train_app.command("stage2", help="Stage 2: train the speech decoder with CTC on the frozen "
+                  "LLM's answer states.")(_frozen_llm_stage("stage2"))
+train_app.command("align", help="Optional, before stage 1: train the adaptor alone with CTC "
+                  "onto the LLM's token embeddings of each question's transcript; its "
+                  "final/ starts stage 1 (--checkpoint).")(_frozen_llm_stage("align"))
 
 
 @train_app.command("export")

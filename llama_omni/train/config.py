@@ -19,11 +19,11 @@ import yaml
 
 from llama_omni.configbase import ConfigBase, require
 
-STAGES = ("stage1", "stage2")
+STAGES = ("align", "stage1", "stage2")  # align: optional adaptor pre-alignment (align.py)
 TUNINGS = ("full", "lora", "adaptor")  # stage 1: what of the LLM side trains
 PRECISIONS = ("fp32", "bf16")
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_LR = {"stage1": 2e-5, "stage2": 2e-4}  # the paper's peak learning rates
+DEFAULT_LR = {"align": 1e-3, "stage1": 2e-5, "stage2": 2e-4}  # stage 1 and 2: the paper's
 
 
 @dataclass
@@ -163,7 +163,8 @@ class TrainConfig(ConfigBase):
         require(self.tuning in TUNINGS, f"tuning {self.tuning!r}: choose one of {TUNINGS}")
         require(
             self.stage == "stage1" or self.tuning == "full",
-            "tuning applies to stage 1 only (stage 2 trains the speech decoder); leave it 'full'",
+            "tuning applies to stage 1 only (align trains the adaptor, stage 2 the speech "
+            "decoder); leave it 'full'",
         )
         require(self.distill >= 0, "distill must be >= 0")
         require(

@@ -16,6 +16,7 @@ from llama_omni.model.llm import EMBEDDED_SOURCE, PACKAGED_LLMS, resolve_source
 from llama_omni.model.lora import LORA_SUBDIR
 from llama_omni.model.omni import OmniModel
 from llama_omni.train import checkpoints
+from llama_omni.train.align import AlignModule
 from llama_omni.train.config import TrainConfig
 from llama_omni.train.model_setup import (
     has_lora,
@@ -67,7 +68,9 @@ def export_run(
         raise FileNotFoundError(f"{run_dir}: no checkpoint at step {step}; have {sorted(found)}")
     chosen = found[step if step is not None else max(found)]
     model = prepare_model(config)
-    checkpoints.load_trainable(model, chosen / checkpoints.WEIGHTS)
+    # The align stage trains a CTC head beside the adaptor; it is read, then left out.
+    trained = AlignModule.for_model(model) if config.stage == "align" else model
+    checkpoints.load_trainable(trained, chosen / checkpoints.WEIGHTS)
     return export_checkpoint(
         model, directory, llm_trained=llm_trained(config), merge=merge,
         base_dir=model_base_dir(config.model),

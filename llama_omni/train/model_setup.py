@@ -2,7 +2,8 @@
 
 Stage 1 trains the adaptor and the LLM side: the whole LLM ("full"), LoRA adapters on it
 ("lora", the base weights frozen) or nothing of it ("adaptor"). Stage 2 trains the
-speech decoder only. The encoder is frozen in both.
+speech decoder only; the optional align stage, the adaptor only. The encoder is frozen
+in all of them.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def set_trainable(model: OmniModel, stage: str, tuning: str = "full") -> list[st
     model.requires_grad_(False)
     if stage == "stage2":
         model.speech_decoder.requires_grad_(True)
+    elif stage == "align":
+        model.adaptor.requires_grad_(True)
     else:
         model.adaptor.requires_grad_(True)
         if tuning == "full":

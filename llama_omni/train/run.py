@@ -6,17 +6,20 @@
       tensorboard/       when tensorboard is installed
       checkpoints/step-NNNNNNNN/
       final/             the trained model as a llama-omni checkpoint
+      heldout-transcripts.json   align stage: what the adaptor carries (align.py)
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
 from accelerate import Accelerator, PartialState
 
 from llama_omni.model.omni import OmniModel
+from llama_omni.train import align
 from llama_omni.train.batches import (
     SpeechTextCollator,
     SpeechTextDataset,
@@ -64,6 +67,9 @@ def train(config: TrainConfig) -> Path:
     state = accelerator.get_state_dict(trainer.module)  # gathered whole under ZeRO-3 / FSDP
     final = output_dir / FINAL
     if accelerator.is_main_process:
+        if config.stage == "align":
+            _report_transcripts(config, model, trainer, stage)
+            state = {k: v for k, v in state.items() if not k.startswith(f"{align.HEAD}.")}
         # The stage module's parameter names are the model's; under ZeRO-3 / FSDP this puts
         # the gathered weights back into the (unsharded) model before export.
         unexpected = model.load_state_dict(state, strict=False).unexpected_keys
@@ -88,15 +94,21 @@ def build_stage(config: TrainConfig, model: OmniModel) -> StageData:
     features = TensorCache(
         config.data.cache_dir, encoder_namespace(model.encoder, model.config.encoder, dtype)
     )
-    examples = _examples(model, config, train_items + eval_items, features, processes)
-    heldout = {c.id for c in eval_items}
-    split = ([e for e in examples if e.id not in heldout], [e for e in examples if e.id in heldout])
-    if config.stage == "stage1":
-        stage = _stage1(model, features, *split, distill=config.distill)
-        frozen = [model.encoder, model.speech_decoder]
+    keys = _cache_features(model, config.data, train_items + eval_items, features, processes)
+    if config.stage == "align":
+        stage = _align(model, features, keys, train_items, eval_items)
+        frozen = [model.encoder, model.llm, model.speech_decoder]
     else:
-        stage = _stage2(model, config, features, *split, train_items + eval_items, processes)
-        frozen = [model.encoder, model.adaptor, model.llm]
+        examples = _examples(model, config, train_items + eval_items, keys, features)
+        heldout = {c.id for c in eval_items}
+        split = ([e for e in examples if e.id not in heldout],
+                 [e for e in examples if e.id in heldout])
+        if config.stage == "stage1":
+            stage = _stage1(model, features, *split, distill=config.distill)
+            frozen = [model.encoder, model.speech_decoder]
+        else:
+            stage = _stage2(model, config, features, *split, train_items + eval_items, processes)
+            frozen = [model.encoder, model.adaptor, model.llm]
     # Parts whose outputs are cached wait on the CPU (for the export) instead of holding
     # accelerator memory: an 8B LLM would otherwise sit idle on every GPU during stage 2.
     for module in frozen:
@@ -132,15 +144,14 @@ def load_conversations(spec: DataSpec) -> tuple[list[Conversation], list[Convers
     return train, heldout
 
 
-def _examples(
+def _cache_features(
     model: OmniModel,
-    config: TrainConfig,
+    data: DataSpec,
     items: list[Conversation],
     features: TensorCache,
     processes: PartialState,
-) -> list[SpeechTextExample]:
-    """Cache the encoder features of every item, then tokenize; too-long items are dropped."""
-    data = config.data
+) -> dict[Path, str]:
+    """Cache the encoder features of every item's audio; returns each file's cache key."""
     keys = cache_encoder_features(
         model.encoder, model.config.encoder, [(c.id, p) for c in items for p in c.audio], features,
         batch_size=data.encode_batch_size, dtype=TORCH_DTYPES[data.cache_dtype],
@@ -148,13 +159,24 @@ def _examples(
         progress=processes.is_main_process,
     )
     processes.wait_for_everyone()
+    return keys
+
+
+def _examples(
+    model: OmniModel,
+    config: TrainConfig,
+    items: list[Conversation],
+    keys: dict[Path, str],
+    features: TensorCache,
+) -> list[SpeechTextExample]:
+    """Tokenized stage-1/2 examples; items longer than data.max_length are dropped."""
     examples, too_long = speech_text_examples(
         items, model.llm.tokenizer, model.config.llm, keys, features,
-        model.adaptor.config.downsample, data.max_length, with_written=config.distill > 0,
+        model.adaptor.config.downsample, config.data.max_length, with_written=config.distill > 0,
     )
     if too_long:
         log.warning("skipped %d items longer than data.max_length=%d (e.g. %s)",
-                    len(too_long), data.max_length, too_long[:3])
+                    len(too_long), config.data.max_length, too_long[:3])
     return examples
 
 
@@ -171,6 +193,44 @@ def _stage1(
         eval=SpeechTextDataset(eval_ex, features),
         collate=SpeechTextCollator(model.adaptor.config.downsample),
     )
+
+
+def _align(
+    model: OmniModel,
+    features: TensorCache,
+    keys: dict[Path, str],
+    train_items: list[Conversation],
+    eval_items: list[Conversation],
+) -> StageData:
+
+    def dataset(items: list[Conversation]) -> align.TranscriptDataset:
+        kept, too_short = align.transcript_examples(
+            items, model.llm.tokenizer, keys, features, model.adaptor.config.downsample)
+        if too_short:
+            log.warning("skipped %d spoken turns with more transcript tokens than adaptor "
+                        "positions (e.g. %s)", len(too_short), too_short[:3])
+        return align.TranscriptDataset(kept, features)
+
+    return StageData(
+        module=align.AlignModule.for_model(model),
+        train=dataset(train_items),
+        eval=dataset(eval_items),
+        collate=align.collate_transcripts,
+    )
+
+
+def _report_transcripts(config: TrainConfig, model: OmniModel, trainer: Trainer,
+                        stage: StageData) -> None:
+    """Align stage: held-out greedy transcripts through the CTC head, logged and written."""
+    if stage.eval is None or not len(stage.eval):
+        return
+    module = trainer.accelerator.unwrap_model(trainer.module)
+    report = align.heldout_transcripts(module, stage.eval, model.llm.tokenizer,
+                                       config.micro_batch_size)
+    trainer._log_event({"event": "heldout_transcripts", "step": trainer.progress.step,
+                        "items": report["items"], "wer": report["wer"]})
+    path = Path(config.output_dir) / "heldout-transcripts.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _stage2(
