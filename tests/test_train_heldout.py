@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama_omni.train.data import read_conversations
-from llama_omni.train.heldout import evaluate, predicted_units, rouge_l
+from llama_omni.train.heldout import evaluate, predicted_units, rouge_l, speech_dependence
 from llama_omni.train.model_setup import prepare_model
 from llama_omni.train.run import build_stage
 from train_helpers import one_thread, save_small_vocab_llm, tiny_config, write_manifest  # noqa: F401
@@ -32,6 +32,32 @@ def test_heldout_units_and_answers(tmp_path):
     report = evaluate(model, items, max_new_tokens=4, batch_size=2)
     assert report["items"] == 3 and 0.0 <= report["rouge_l"] <= 1.0
     assert all(e["answer"] is not None and "rouge_l" in e for e in report["examples"])
+    assert report["speech_gain"] == pytest.approx(
+        report["answer_loss_other_speech"] - report["answer_loss_own_speech"])
+
+
+def test_speech_dependence_compares_own_with_another_items_speech(tmp_path):
+    """Distinct speech: the losses differ. The same speech everywhere: no gain, exactly."""
+    import json
+
+    llm_dir = save_small_vocab_llm(tmp_path / "llm")
+    data = write_manifest(tmp_path / "data", items=4)
+    cfg = tiny_config(tmp_path, llm_dir, data, "stage1",
+                      **{"model.overrides": {"llm": {"prompt_style": "chat-template"}}})
+    torch.manual_seed(0)
+    model = prepare_model(cfg).eval()
+    distinct = speech_dependence(model, read_conversations(data), batch_size=3)
+    assert distinct["answer_loss_own_speech"] > 0
+    assert distinct["answer_loss_own_speech"] != distinct["answer_loss_other_speech"]
+    manifest = data / "manifest.jsonl"
+    items = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for item in items:
+        item["turns"][0]["audio"] = items[0]["turns"][0]["audio"]
+    manifest.write_text("".join(json.dumps(i) + "\n" for i in items))
+    same = speech_dependence(model, read_conversations(data), batch_size=3)
+    assert same["speech_gain"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least two"):
+        speech_dependence(model, read_conversations(data)[:1], batch_size=3)
 
 
 def test_units_scored_through_vocoder_and_asr(tmp_path, monkeypatch):

@@ -7,6 +7,9 @@ Stage 2: the states of the held-out reference answers (teacher-forced, as in tra
 give greedy units; the vocoder turns them into speech, Whisper base transcribes it, and
 the word error rate against the answer text says whether the units are intelligible.
 The data's own units go through the same vocoder and ASR: the best the units can do.
+Both: the speech dependence, the reference answers' teacher-forced loss after each
+question's own speech vs after another item's (`speech_dependence`): the one check that
+the answers use the question at all.
 Only the first exchange of each conversation is used.
 """
 
@@ -25,7 +28,7 @@ from llama_omni.model.encoder import encode_audio
 from llama_omni.model.omni import OmniModel
 from llama_omni.train.batches import SpeechTextCollator, SpeechTextExample
 from llama_omni.train.data import Conversation, tokenize
-from llama_omni.train.stage1 import answer_states
+from llama_omni.train.stage1 import Stage1Module, answer_states
 from llama_omni.units.quality import Transcriber, corpus_wer, normalize_text
 
 
@@ -67,24 +70,68 @@ def generated_answers(
     return answers
 
 
+def _features(model: OmniModel, items: list[Conversation], batch_size: int) -> list[torch.Tensor]:
+    """[N_i, De] encoder features of each item's first question."""
+    out = []
+    for start in range(0, len(items), batch_size):
+        waves = [load_audio(c.audio[0]) for c in items[start : start + batch_size]]
+        features, lengths = encode_audio(model.encoder, waves, model.config.encoder)  # [B, N, De]
+        out += [features[i, : int(n)] for i, n in enumerate(lengths)]
+    return out
+
+
+def _first_exchanges(model: OmniModel, items: list[Conversation], features: list[torch.Tensor]):
+    """A training batch of the items' first exchanges, with the given speech features."""
+    collate = SpeechTextCollator(model.adaptor.config.downsample)
+    return collate([
+        (SpeechTextExample(c.id, t.ids, t.labels, [], 0), [f])
+        for c, f in zip(items, features)
+        for t in [tokenize(first_exchange(c), model.llm.tokenizer, model.config.llm)]
+    ]).to(model.device)
+
+
 @torch.no_grad()
 def predicted_units(model: OmniModel, items: list[Conversation], *, batch_size: int) -> list[list[int]]:
     """Greedy units of each item's first reference answer, from teacher-forced states."""
     model.eval()
-    collate = SpeechTextCollator(model.adaptor.config.downsample)
+    features = _features(model, items, batch_size)
     units = []
     for start in tqdm(range(0, len(items), batch_size), desc="predicting units", unit="batch"):
-        chunk = [first_exchange(c) for c in items[start : start + batch_size]]
-        waves = [load_audio(c.audio[0]) for c in chunk]
-        features, lengths = encode_audio(model.encoder, waves, model.config.encoder)  # [B, N, De]
-        batch = collate([
-            (SpeechTextExample(c.id, t.ids, t.labels, [], 0), [features[i, : int(lengths[i])]])
-            for i, c in enumerate(chunk)
-            for t in [tokenize(c, model.llm.tokenizer, model.config.llm)]
-        ]).to(model.device)
+        end = start + batch_size
+        batch = _first_exchanges(model, items[start:end], features[start:end])
         for (c,) in answer_states(model.adaptor, model.llm, batch):  # one answer per item
             units += model.speech_decoder.predict_units(c[None].to(model.dtype))
     return units
+
+
+@torch.no_grad()
+def speech_dependence(model: OmniModel, items: list[Conversation], *, batch_size: int) -> dict:
+    """Teacher-forced loss of the reference answers after each question's own speech and
+    after another item's speech (the items' speech rotated by half their number).
+
+    A model that reads the question does clearly better with its own speech. Equal losses
+    mean the answers ignore the speech: learnt from the answers' style alone, which a
+    falling training loss does not reveal.
+    """
+    if len(items) < 2:
+        raise ValueError("speech dependence compares items: give at least two")
+    model.eval()
+    features = _features(model, items, batch_size)
+    module = Stage1Module(model.adaptor, model.llm).eval()
+    shift = len(items) // 2
+
+    def loss(speech: list[torch.Tensor]) -> float:
+        total = count = 0.0
+        for start in range(0, len(items), batch_size):
+            end = start + batch_size
+            summed, n = module(_first_exchanges(model, items[start:end], speech[start:end]))
+            total, count = total + float(summed), count + int(n)
+        return total / count
+
+    own = loss(features)
+    other = loss(features[shift:] + features[:shift])
+    return {"answer_loss_own_speech": own, "answer_loss_other_speech": other,
+            "speech_gain": other - own}
 
 
 def evaluate(
@@ -99,6 +146,8 @@ def evaluate(
     """Scores over `items` (see the module doc) plus a few examples to read and listen to."""
     references = [c.turns[1].text for c in items]
     report: dict[str, Any] = {"items": len(items)}
+    if len(items) > 1:
+        report.update(speech_dependence(model, items, batch_size=batch_size))
     examples = [{"id": c.id, "reference": r} for c, r in zip(items, references)]
     if answers:
         texts = generated_answers(model, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
