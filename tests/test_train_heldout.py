@@ -16,13 +16,18 @@ def test_rouge_l():
     assert rouge_l("a b", "c") == 0.0 and rouge_l("", "") == 1.0
 
 
-def test_heldout_units_and_answers(tmp_path):
+def tiny_model(tmp_path, items: int, stage: str):
+    """(config, untrained tiny model, its manifest directory)."""
     llm_dir = save_small_vocab_llm(tmp_path / "llm")
-    data = write_manifest(tmp_path / "data", items=3)
-    cfg = tiny_config(tmp_path, llm_dir, data, "stage2",
+    data = write_manifest(tmp_path / "data", items=items)
+    cfg = tiny_config(tmp_path, llm_dir, data, stage,
                       **{"model.overrides": {"llm": {"prompt_style": "chat-template"}}})
     torch.manual_seed(0)
-    model = prepare_model(cfg).eval()
+    return cfg, prepare_model(cfg).eval(), data
+
+
+def test_heldout_units_and_answers(tmp_path):
+    cfg, model, data = tiny_model(tmp_path, 3, "stage2")
     stage = build_stage(cfg, model)
     items = read_conversations(data)
     # The units scored at evaluation come from the same states stage 2 trains on.
@@ -40,12 +45,7 @@ def test_speech_dependence_compares_own_with_another_items_speech(tmp_path):
     """Distinct speech: the losses differ. The same speech everywhere: no gain, exactly."""
     import json
 
-    llm_dir = save_small_vocab_llm(tmp_path / "llm")
-    data = write_manifest(tmp_path / "data", items=4)
-    cfg = tiny_config(tmp_path, llm_dir, data, "stage1",
-                      **{"model.overrides": {"llm": {"prompt_style": "chat-template"}}})
-    torch.manual_seed(0)
-    model = prepare_model(cfg).eval()
+    _, model, data = tiny_model(tmp_path, 4, "stage1")
     distinct = speech_dependence(model, read_conversations(data), batch_size=3)
     assert distinct["answer_loss_own_speech"] > 0
     assert distinct["answer_loss_own_speech"] != distinct["answer_loss_other_speech"]
