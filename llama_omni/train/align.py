@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from llama_omni.model.adaptor import SpeechAdaptor
 from llama_omni.model.omni import OmniModel
-from llama_omni.train.batches import _Movable
+from llama_omni.train.batches import Movable
 from llama_omni.train.data import Conversation, DataError
 from llama_omni.train.features import TensorCache
 
@@ -38,7 +38,7 @@ class TranscriptExample:
 
 
 @dataclass
-class TranscriptBatch(_Movable):
+class TranscriptBatch(Movable):
     features: Tensor  # [S, N, De] encoder frames, zero-padded
     feature_lengths: Tensor  # [S]
     targets: Tensor  # [S, U] transcript tokens, zero-padded

@@ -30,7 +30,9 @@ from llama_omni.train.data import (
 from llama_omni.train.features import TensorCache
 
 
-class _Movable:
+class Movable:
+    """A batch dataclass whose tensor fields move together (accelerate's loaders call .to)."""
+
     def to(self, device, non_blocking: bool = False):
         moved = {
             f.name: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
@@ -51,7 +53,7 @@ class SpeechTextExample:
 
 
 @dataclass
-class SpeechTextBatch(_Movable):
+class SpeechTextBatch(Movable):
     features: torch.Tensor  # [S, N, De] encoder frames of all S speech slots, zero-padded
     feature_lengths: torch.Tensor  # [S]
     ids: list[list[int]]  # [B] prompt-format ids, speech slots in order
@@ -150,7 +152,7 @@ class UnitExample:
 
 
 @dataclass
-class UnitBatch(_Movable):
+class UnitBatch(Movable):
     hidden: torch.Tensor  # [B, M, D] states c_i of the answer tokens, zero-padded
     lengths: torch.Tensor  # [B] answer tokens
     units: torch.Tensor  # [B, U] target units, padded with IGNORE_INDEX
