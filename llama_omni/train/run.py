@@ -227,7 +227,7 @@ def _report_transcripts(config: TrainConfig, model: OmniModel, trainer: Trainer,
     module = trainer.accelerator.unwrap_model(trainer.module)
     report = align.heldout_transcripts(module, stage.eval, model.llm.tokenizer,
                                        config.micro_batch_size)
-    trainer._log_event({"event": "heldout_transcripts", "step": trainer.progress.step,
+    trainer.log_event({"event": "heldout_transcripts", "step": trainer.progress.step,
                         "items": report["items"], "wer": report["wer"]})
     path = Path(config.output_dir) / "heldout-transcripts.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

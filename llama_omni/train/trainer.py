@@ -112,12 +112,12 @@ class Trainer:
             )
         self.accelerator.load_state(str(latest))
         self.saved_step = self.progress.step
-        self._log_event({"event": "resume", "checkpoint": latest.name, **self.progress.state_dict()})
+        self.log_event({"event": "resume", "checkpoint": latest.name, **self.progress.state_dict()})
         return latest
 
     def fit(self) -> None:
         cfg, acc = self.config, self.accelerator
-        self._log_event({
+        self.log_event({
             "event": "start", "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
             "accumulation": acc.gradient_accumulation_steps, "processes": acc.num_processes,
             "trainable_parameters": self.trainable_count, "lr": cfg.lr,
@@ -155,7 +155,7 @@ class Trainer:
         bar.close()
         if self.saved_step != self.progress.step:
             self._save()
-        self._log_event({"event": "end", "step": self.progress.step})
+        self.log_event({"event": "end", "step": self.progress.step})
 
     def evaluate(self) -> float | None:
         """Held-out loss per supervised token (or unit), over all processes."""
@@ -204,9 +204,9 @@ class Trainer:
     def _log(self, metrics: dict) -> None:
         values = {k: v for k, v in metrics.items() if k not in ("step", "epoch")}
         self.accelerator.log(values, step=metrics["step"])
-        self._log_event(metrics)
+        self.log_event(metrics)
 
-    def _log_event(self, record: dict) -> None:
+    def log_event(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
