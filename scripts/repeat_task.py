@@ -28,7 +28,7 @@ from pathlib import Path
 
 from llama_omni.data.manifest import atomic_write_bytes, read_manifest
 from llama_omni.model.prompt import DEFAULT_INSTRUCTION, SPEECH_PLACEHOLDER
-from llama_omni.train.data import is_heldout
+from llama_omni.train.data import read_conversations, split_heldout
 
 INSTRUCTION = "Repeat the user's speech word for word."
 REPEAT_SUFFIX = "-repeat"
@@ -70,13 +70,15 @@ def mixed_items(
 ) -> tuple[list[dict], list[dict]]:
     """(train, held-out): train holds each non-held-out item's repeat and answer records;
     held-out holds answer records only, chosen as `split_heldout` chooses them."""
+    _, heldout_items = split_heldout(read_conversations(data)[:max_items], eval_fraction, eval_max_items)
+    heldout_ids = {c.id for c in heldout_items}
     train, heldout = [], []
     for item in list(read_manifest(data))[:max_items]:
         speech, transcript, answer = _first_exchange(data, item)
         if answer is None:
             raise SystemExit(f"{data}: item {item['id']!r} has no answer")
         answer_record = _record(item["id"], speech, instruction, answer)
-        if len(heldout) < eval_max_items and is_heldout(item["id"], eval_fraction):
+        if item["id"] in heldout_ids:
             heldout.append(answer_record)
             continue
         train += [_record(item["id"] + REPEAT_SUFFIX, speech, INSTRUCTION, transcript), answer_record]
