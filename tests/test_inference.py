@@ -18,6 +18,7 @@ from llama_omni.audio import AudioError
 from llama_omni.inference.events import AudioChunk, End, TextDelta, Units, collect
 from llama_omni.inference.sampling import SamplingOptions, TokenSelector, top_p_filter
 from llama_omni.inference.session import Conversation, prompt_length
+from llama_omni.model.omni import OmniModel
 from llama_omni.model.prompt import Turn
 
 
@@ -213,3 +214,26 @@ def test_bad_audio_is_refused_with_clear_messages(tiny_omni):
         eng.encode([np.zeros(800, np.float32)])
     with pytest.raises(AudioError, match="mono"):
         eng.encode([np.zeros((2, 16000), np.float32)])
+
+
+def test_token_input_decoder_streams_like_offline_and_reads_the_tokens(tiny_omni, tiny_vocoder):
+    """With token_input the decoder also reads each token's embedding: the engine must feed
+    the sampled tokens exactly as teacher forcing feeds the reference tokens."""
+    width = tiny_omni.config.llm.hidden_size
+    decoder, kept = tiny_omni.speech_decoder.reconfigured(token_input=True, input_width=2 * width)
+    assert kept
+    with torch.no_grad():
+        torch.manual_seed(3)
+        new_columns = decoder.input_proj.weight[:, width:]  # [D, width], zero so far
+        new_columns.copy_(torch.randn(new_columns.shape))
+    config = tiny_omni.config.replace(speech_decoder=decoder.config)
+    parts = tiny_omni.encoder, tiny_omni.llm, tiny_omni.adaptor, decoder.eval()
+    model = OmniModel(config, *parts).eval()
+    audio = tone(1.0, 220)
+    answers = {
+        omega: engine(model, tiny_vocoder, chunk_size=omega, max_new_tokens=20).answer([audio])[0]
+        for omega in (10, None)
+    }
+    reference = offline_units(model, audio, answers[None].token_ids)
+    assert answers[10].units == answers[None].units == reference
+    assert reference != offline_units(tiny_omni, audio, answers[None].token_ids)

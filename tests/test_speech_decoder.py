@@ -208,3 +208,17 @@ def test_published_config_string_is_parsed_once_and_validated():
     assert SpeechDecoderConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown field"):
         SpeechDecoderConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_widening_the_input_for_token_input_keeps_what_the_decoder_computes():
+    torch.manual_seed(0)
+    decoder = SpeechDecoder(tiny()).eval()
+    wide, kept = decoder.reconfigured(token_input=True, input_width=2 * decoder.config.input_width)
+    assert kept and wide.config.token_input
+    states = torch.randn(1, 5, decoder.config.input_width)
+    tokens = torch.randn(1, 5, decoder.config.input_width)
+    before, _ = decoder(states)
+    after, _ = wide(torch.cat([states, tokens], -1))
+    torch.testing.assert_close(after, before)  # the new input columns start at zero
+    _, kept = decoder.reconfigured(input_width=decoder.config.input_width // 2)
+    assert not kept  # a narrower input cannot keep the weights

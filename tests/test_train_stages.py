@@ -87,11 +87,17 @@ def test_overfits_one_batch(tmp_path, small_llm_dir, data, stage, lr, steps):
             assert units == [[u for u in row if u != IGNORE_INDEX] for row in batch.units.tolist()]
 
 
-def test_stage2_inputs_are_the_models_answer_states(tmp_path, tiny_llm_dir, data):
-    """c_i gathered from one whole-conversation pass equals OmniModel.answer_states."""
+@pytest.mark.parametrize("token_input", [False, True])
+def test_stage2_inputs_are_the_models_answer_states(tmp_path, tiny_llm_dir, data, token_input):
+    """c_i gathered from one whole-conversation pass equals OmniModel.answer_states
+    (with token_input: [c_i ; embedding of answer token i] in both)."""
     model, module, batch = setup(tmp_path, tiny_llm_dir, data, "stage1")
     model.eval()
-    ours = answer_states(model.adaptor, model.llm, batch)  # per item, per answer
+    if token_input:
+        width = 2 * model.config.llm.hidden_size
+        decoder = model.config.speech_decoder.replace(token_input=True, input_width=width)
+        model.config = model.config.replace(speech_decoder=decoder)
+    ours = answer_states(model.adaptor, model.llm, batch, model.config.speech_decoder)
     frames = model.adaptor(batch.features)  # [S, N/k, D]
     counts = model.adaptor.output_lengths(batch.feature_lengths)
     speech = [frames[s, : int(n)] for s, n in enumerate(counts)]
@@ -104,6 +110,7 @@ def test_stage2_inputs_are_the_models_answer_states(tmp_path, tiny_llm_dir, data
     with torch.no_grad():
         _, reference, lengths = model.answer_states(speech, prompts, answers)
     for b, (item, n) in enumerate(zip(ours, lengths.tolist())):
+        assert item[0].shape[-1] == model.config.speech_decoder.input_width
         torch.testing.assert_close(item[0], reference[b, :n], atol=1e-5, rtol=1e-5)
 
 

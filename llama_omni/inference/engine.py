@@ -255,7 +255,8 @@ class Engine:
                     for b in finals.nonzero().flatten().tolist()
                 )
                 if speech is not None:
-                    yield from speech.step(states, was_alive, word_starts, finals.tolist())
+                    inputs = self.model.decoder_inputs(states, tokens)  # [B, Din]
+                    yield from speech.step(inputs, was_alive, word_starts, finals.tolist())
                 yield from self._ends(ends, speech, clock)
                 if not alive.any():
                     break

@@ -44,10 +44,12 @@ class OmniConfig(ConfigBase):
             self.adaptor.llm_width == self.llm.hidden_size,
             f"adaptor.llm_width {self.adaptor.llm_width} != llm.hidden_size {self.llm.hidden_size}",
         )
+        width = self.llm.hidden_size * (2 if self.speech_decoder.token_input else 1)
         require(
-            self.speech_decoder.input_width == self.llm.hidden_size,
-            f"speech_decoder.input_width {self.speech_decoder.input_width} != "
-            f"llm.hidden_size {self.llm.hidden_size}",
+            self.speech_decoder.input_width == width,
+            f"speech_decoder.input_width {self.speech_decoder.input_width} != {width} "
+            f"(llm.hidden_size {self.llm.hidden_size}"
+            f"{', x2 for token_input' if self.speech_decoder.token_input else ''})",
         )
 
     @classmethod
@@ -141,10 +143,11 @@ class OmniModel(nn.Module):
         prompt_ids: Sequence[list[int]],
         answer_ids: Sequence[list[int]],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Teacher-forced pass over prompt + answer: (logits [B, M, V], c [B, M, D], M_i [B]).
+        """Teacher-forced pass over prompt + answer: (logits [B, M, V], c [B, M, Din], M_i [B]).
 
-        c_i is the final-layer state at the position that predicted answer token i (the
-        input of the speech decoder), so the sequence fed is prompt + answer[:-1].
+        c_i is the final-layer state at the position that predicted answer token i, so the
+        sequence fed is prompt + answer[:-1]; c is what the speech decoder reads
+        (`decoder_inputs`).
         """
         sequences = [list(p) + list(a[:-1]) for p, a in zip(prompt_ids, answer_ids)]
         embeds, mask, positions = self.llm.embed_prompt(sequences, list(speech), padding_side="right")
@@ -156,7 +159,13 @@ class OmniModel(nn.Module):
         index = index.clamp(max=embeds.shape[1] - 1)  # [B, M]; positions past M_i are padding
         hidden = torch.gather(out.hidden, 1, index[..., None].expand(-1, -1, out.hidden.shape[-1]))
         logits = torch.gather(out.logits, 1, index[..., None].expand(-1, -1, out.logits.shape[-1]))
-        return logits, hidden, counts
+        padded = torch.zeros(len(answer_ids), width, dtype=torch.long, device=real.device)
+        for b, ids in enumerate(answer_ids):
+            padded[b, : len(ids)] = torch.tensor(list(ids), device=real.device)
+        return logits, self.decoder_inputs(hidden, padded), counts
+
+    def decoder_inputs(self, states: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        return decoder_inputs(self.llm, self.config.speech_decoder, states, token_ids)
 
     def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
         cfg = self.config.llm
@@ -173,3 +182,13 @@ class OmniModel(nn.Module):
                 ("llm", self.llm), ("speech_decoder", self.speech_decoder),
             ]
         }
+
+
+def decoder_inputs(
+    llm: SpeechLLM, config: SpeechDecoderConfig, states: torch.Tensor, token_ids: torch.Tensor
+) -> torch.Tensor:
+    """What the speech decoder reads for answer tokens: states [..., D] and the ids [...]
+    of the tokens they predicted -> c_i, or [c_i ; embedding of token i] with token_input."""
+    if not config.token_input:
+        return states  # [..., D]
+    return torch.cat([states, llm.embed_tokens(token_ids).to(states.dtype)], -1)  # [..., 2D]

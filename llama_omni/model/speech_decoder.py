@@ -49,6 +49,12 @@ class SpeechDecoderConfig(ConfigBase):
     # Each position attends to itself and the W-1 positions before it (upsampled frames);
     # None = full causal attention, as in the published model.
     attention_window: int | None = None
+    # Our models' option: each c_i comes with the LLM's input embedding of token i (the
+    # token it predicted: teacher-forced in training, the sampled one at inference),
+    # concatenated after it, so input_width is twice the LLM width. A state alone only
+    # carries a distribution over token i; a small LLM is often unsure which token it will
+    # emit, and then the decoder cannot know which word to speak.
+    token_input: bool = False
 
     def __post_init__(self) -> None:
         for name in ("input_width", "n_layers", "width", "n_heads", "ffn", "upsample", "unit_vocab"):
@@ -311,10 +317,19 @@ class SpeechDecoder(StreamingModule[DecoderState]):
 
     def reconfigured(self, **changes: Any) -> tuple["SpeechDecoder", bool]:
         """A decoder with config fields changed, on this one's device and dtype, and whether
-        it kept these weights (they fit, e.g. for a new attention_window) or starts fresh."""
+        it kept these weights (they fit, e.g. for a new attention_window) or starts fresh.
+
+        A wider input (e.g. switching token_input on) keeps the weights too: the new input
+        columns start at zero, so the decoder starts out computing what it computed before.
+        """
         param = next(self.parameters())
         decoder = SpeechDecoder(self.config.replace(**changes), device=param.device, dtype=param.dtype)
         weights = self.state_dict()
+        old = weights["input_proj.weight"]  # [D, Din_old]
+        new = decoder.input_proj.weight
+        if new.shape[0] == old.shape[0] and new.shape[1] > old.shape[1]:
+            extra = old.new_zeros(old.shape[0], new.shape[1] - old.shape[1])
+            weights["input_proj.weight"] = torch.cat([old, extra], 1)  # [D, Din_new]
         kept = {k: v.shape for k, v in weights.items()} == {
             k: v.shape for k, v in decoder.state_dict().items()
         }

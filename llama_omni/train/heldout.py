@@ -99,7 +99,8 @@ def predicted_units(model: OmniModel, items: list[Conversation], *, batch_size: 
     for start in tqdm(range(0, len(items), batch_size), desc="predicting units", unit="batch"):
         end = start + batch_size
         batch = _first_exchanges(model, items[start:end], features[start:end])
-        for (c,) in answer_states(model.adaptor, model.llm, batch):  # one answer per item
+        states = answer_states(model.adaptor, model.llm, batch, model.config.speech_decoder)
+        for (c,) in states:  # one answer per item
             units += model.speech_decoder.predict_units(c[None].to(model.dtype))
     return units
 

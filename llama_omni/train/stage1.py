@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 from llama_omni.model.adaptor import SpeechAdaptor
 from llama_omni.model.llm import LLMOutput, SpeechLLM
+from llama_omni.model.omni import decoder_inputs
 from llama_omni.model.prompt import IGNORE_INDEX
+from llama_omni.model.speech_decoder import SpeechDecoderConfig
 from llama_omni.train.batches import SpeechTextBatch
 from llama_omni.train.data import answer_spans
 
@@ -95,13 +97,19 @@ def divergence(student: Tensor, teacher: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def answer_states(adaptor: SpeechAdaptor, llm: SpeechLLM, batch: SpeechTextBatch) -> list[list[Tensor]]:
-    """c_1..c_M of every answer of every item: the states that predicted its tokens.
+def answer_states(
+    adaptor: SpeechAdaptor, llm: SpeechLLM, batch: SpeechTextBatch, decoder: SpeechDecoderConfig
+) -> list[list[Tensor]]:
+    """The speech decoder's inputs for every answer of every item: c_1..c_M, the states
+    that predicted its tokens (with the tokens' embeddings if `decoder.token_input`).
 
-    Returns, per item, one [M_j, D] tensor per answer (in conversation order).
+    Returns, per item, one [M_j, Din] tensor per answer (in conversation order).
     """
     hidden = teacher_forced(adaptor, llm, batch).hidden  # [B, L, D]
     out = []
     for b, row in enumerate(batch.labels.tolist()):
-        out.append([hidden[b, start - 1 : end - 1] for start, end in answer_spans(row)])
+        out.append([
+            decoder_inputs(llm, decoder, hidden[b, start - 1 : end - 1], batch.labels[b, start:end])
+            for start, end in answer_spans(row)
+        ])
     return out

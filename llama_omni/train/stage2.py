@@ -42,11 +42,15 @@ class Stage2Module(nn.Module):
 
 
 def states_namespace(model: OmniModel, feature_namespace: str, dtype: torch.dtype) -> str:
-    """Identity of what produced the states: features, adaptor and LLM weights, dtype."""
+    """Identity of what produced the states: features, adaptor and LLM weights, dtype, and
+    whether the token embeddings are appended."""
     weights = tensors_digest(
         sorted([*model.adaptor.state_dict().items(), *model.llm.state_dict().items()])
     )
-    return "states-" + text_digest(feature_namespace, weights, str(dtype))
+    parts = [feature_namespace, weights, str(dtype)]
+    if model.config.speech_decoder.token_input:
+        parts.append("token_input")
+    return "states-" + text_digest(*parts)
 
 
 def unit_examples(
@@ -95,9 +99,10 @@ def cache_answer_states(
     for start in range(0, len(todo), batch_size):
         chunk = list(range(start, min(start + batch_size, len(todo))))
         batch = collate([data[i] for i in chunk]).to(model.device)
-        for i, per_answer in zip(chunk, answer_states(model.adaptor, model.llm, batch)):
+        inputs = answer_states(model.adaptor, model.llm, batch, model.config.speech_decoder)
+        for i, per_answer in zip(chunk, inputs):
             for key, c in zip(_state_keys(todo[i]), per_answer):
-                states.save(key, {"states": c.to(dtype)})  # [M_j, D]
+                states.save(key, {"states": c.to(dtype)})  # [M_j, Din]
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
