@@ -2,6 +2,8 @@
 
     python scripts/build_default_model.py --stage1-run runs/small-cpu/stage1 \
         --stage2 runs/small-cpu/stage2/final [--out llama_omni/weights/default-model]
+    python scripts/build_default_model.py --stage1-model llama_omni/weights/default-model \
+        --stage2 runs/small-cpu/stage2/final     # a new speech decoder, the same stage 1
 
 The result references the packaged parts (Whisper base, SmolLM2-135M-Instruct, the
 vocoder beside it) and stores only what training produced: the adaptor and speech
@@ -32,9 +34,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        staged = export_run(args.stage1_run, work / "model", merge=False)
+        if args.stage1_model is not None:
+            staged = Path(shutil.copytree(args.stage1_model, work / "model"))
+        else:
+            staged = export_run(args.stage1_run, work / "model", merge=False)
         if not (staged / LORA_SUBDIR).is_dir():
-            raise SystemExit(f"{args.stage1_run} did not train LoRA: nothing small to ship")
+            raise SystemExit(f"{args.stage1_run or args.stage1_model} has no LoRA: nothing small to ship")
         decoder = {
             k: v for k, v in load_file(args.stage2 / WEIGHTS_FILE).items() if k.startswith("speech_decoder.")
         }
@@ -75,7 +80,10 @@ def _half(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage1-run", type=Path, required=True, help="stage-1 run directory (LoRA)")
+    stage1 = parser.add_mutually_exclusive_group(required=True)
+    stage1.add_argument("--stage1-run", type=Path, help="stage-1 run directory (LoRA)")
+    stage1.add_argument("--stage1-model", type=Path,
+                        help="a model built by this script: keep its adaptor and LoRA")
     parser.add_argument("--stage2", type=Path, required=True, help="stage-2 exported checkpoint directory")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     return parser.parse_args()

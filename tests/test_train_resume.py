@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from llama_omni.cli.main import app
+from llama_omni.model.checkpoint import load_model
 
 from llama_omni.train.checkpoints import checkpoint_dirs
 from llama_omni.train.export import export_run
@@ -143,3 +144,24 @@ def test_two_processes_train_and_resume(tmp_path, small_llm_dir):
     assert [e["processes"] for e in events if e.get("event") == "start"] == [2, 2]
     assert next(e for e in events if e.get("event") == "resume")["step"] == 4
     assert (run / "checkpoints/step-00000006/random_states_1.pkl").is_file()
+
+
+def test_export_after_a_lora_checkpoint_keeps_its_adapter(tmp_path, small_llm_dir):
+    """Stage 2 from a checkpoint whose LLM is a reference plus lora/: the export's LLM is
+    the tuned one the run trained on, not the bare base."""
+    data = write_manifest(tmp_path / "data", items=3)
+    chat = {"model.overrides": {"llm": {"prompt_style": "chat-template"}}}
+    stage1 = tiny_config(tmp_path / "a", small_llm_dir, data, "stage1", tuning="lora",
+                         **{**chat, "max_steps": 2})
+    train(stage1)
+    tuned = export_run(stage1.output_dir, tmp_path / "stage1-export", merge=False)
+    assert (tuned / "lora").is_dir()
+    stage2 = tiny_config(tmp_path / "b", small_llm_dir, data, "stage2", max_steps=2,
+                         **{"model.preset": None, "model.checkpoint": str(tuned)})
+    train(stage2)
+    exported = export_run(stage2.output_dir, tmp_path / "stage2-export")
+    expected = load_model(tuned).llm.state_dict()
+    got = load_model(exported).llm.state_dict()
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, msg=name)

@@ -4,11 +4,15 @@
   source "embedded"), since its weights are no longer those of its source.
 - LoRA not merged: the checkpoint names the base LLM by absolute path and the adapter is
   stored beside it in `lora/` (peft format); `load_model` folds it in (no peft needed).
-- An LLM left untouched keeps its source (a packaged model stays a reference).
+- An LLM left untouched keeps its source (a packaged model stays a reference). If the run
+  started from a checkpoint whose LLM is a reference plus `lora/` (folded in on load, e.g.
+  stage 2 after a LoRA stage 1), that adapter is carried over, so the export's LLM is the
+  one the run trained with.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from llama_omni.model.checkpoint import save_checkpoint
@@ -67,11 +71,21 @@ def export_run(
     if step is not None and step not in found:
         raise FileNotFoundError(f"{run_dir}: no checkpoint at step {step}; have {sorted(found)}")
     chosen = found[step if step is not None else max(found)]
+    start = Path(config.model.checkpoint) if config.model.checkpoint else None
+    inherited = start / LORA_SUBDIR if start is not None and (start / LORA_SUBDIR).is_dir() else None
+    if inherited is not None and llm_trained(config) and not merge:
+        raise ValueError(
+            f"{run_dir} trained LoRA on top of the adapter of {start}; an unmerged export "
+            "would keep only the new one: export with LoRA merged"
+        )
     model = prepare_model(config)
     # The align stage trains a CTC head beside the adaptor; it is read, then left out.
     trained = AlignModule.for_model(model) if config.stage == "align" else model
     checkpoints.load_trainable(trained, chosen / checkpoints.WEIGHTS)
-    return export_checkpoint(
+    exported = export_checkpoint(
         model, directory, llm_trained=llm_trained(config), merge=merge,
         base_dir=model_base_dir(config.model),
     )
+    if inherited is not None and not llm_trained(config):
+        shutil.copytree(inherited, exported / LORA_SUBDIR)
+    return exported
