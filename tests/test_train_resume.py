@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from llama_omni.cli.main import app
 from llama_omni.model.checkpoint import load_model
-
 from llama_omni.train.checkpoints import checkpoint_dirs
 from llama_omni.train.export import export_run
 from llama_omni.train.run import train
