@@ -158,9 +158,10 @@ def test_export_after_a_lora_checkpoint_keeps_its_adapter(tmp_path, small_llm_di
     stage2 = tiny_config(tmp_path / "b", small_llm_dir, data, "stage2", max_steps=2,
                          **{"model.preset": None, "model.checkpoint": str(tuned)})
     train(stage2)
-    exported = export_run(stage2.output_dir, tmp_path / "stage2-export")
     expected = load_model(tuned).llm.state_dict()
-    got = load_model(exported).llm.state_dict()
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, msg=name)
+    final = Path(stage2.output_dir) / "final"  # exported at the end of the run
+    for exported in (final, export_run(stage2.output_dir, tmp_path / "stage2-export")):
+        got = load_model(exported).llm.state_dict()
+        assert expected.keys() == got.keys()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(got[name], tensor, msg=f"{exported}: {name}")

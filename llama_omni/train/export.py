@@ -71,21 +71,34 @@ def export_run(
     if step is not None and step not in found:
         raise FileNotFoundError(f"{run_dir}: no checkpoint at step {step}; have {sorted(found)}")
     chosen = found[step if step is not None else max(found)]
-    start = Path(config.model.checkpoint) if config.model.checkpoint else None
-    inherited = start / LORA_SUBDIR if start is not None and (start / LORA_SUBDIR).is_dir() else None
-    if inherited is not None and llm_trained(config) and not merge:
-        raise ValueError(
-            f"{run_dir} trained LoRA on top of the adapter of {start}; an unmerged export "
-            "would keep only the new one: export with LoRA merged"
-        )
+    _inherited_lora(config, merge)  # refuse before the work
     model = prepare_model(config)
     # The align stage trains a CTC head beside the adaptor; it is read, then left out.
     trained = AlignModule.for_model(model) if config.stage == "align" else model
     checkpoints.load_trainable(trained, chosen / checkpoints.WEIGHTS)
+    return export_trained(model, config, directory, merge=merge)
+
+
+def export_trained(model: OmniModel, config: TrainConfig, directory: str | Path, *, merge: bool) -> Path:
+    """Export the model a run with `config` trained (at its end, or from a checkpoint)."""
+    inherited = _inherited_lora(config, merge)
     exported = export_checkpoint(
         model, directory, llm_trained=llm_trained(config), merge=merge,
         base_dir=model_base_dir(config.model),
     )
     if inherited is not None and not llm_trained(config):
-        shutil.copytree(inherited, exported / LORA_SUBDIR)
+        shutil.copytree(inherited, exported / LORA_SUBDIR, dirs_exist_ok=True)
     return exported
+
+
+def _inherited_lora(config: TrainConfig, merge: bool) -> Path | None:
+    """The `lora/` of the checkpoint the run started from (folded into its LLM), if any."""
+    start = Path(config.model.checkpoint) if config.model.checkpoint else None
+    if start is None or not (start / LORA_SUBDIR).is_dir():
+        return None
+    if llm_trained(config) and not merge:
+        raise ValueError(
+            f"the run trained LoRA on top of the adapter of {start}; an unmerged export "
+            "would keep only the new one: export with LoRA merged"
+        )
+    return start / LORA_SUBDIR

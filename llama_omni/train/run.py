@@ -36,9 +36,9 @@ from llama_omni.train.data import (
     read_conversations,
     split_heldout,
 )
-from llama_omni.train.export import export_checkpoint
+from llama_omni.train.export import export_trained
 from llama_omni.train.features import TensorCache, cache_encoder_features, encoder_namespace
-from llama_omni.train.model_setup import TORCH_DTYPES, llm_trained, model_base_dir, prepare_model
+from llama_omni.train.model_setup import TORCH_DTYPES, prepare_model
 from llama_omni.train.stage1 import Stage1Module
 from llama_omni.train.stage2 import (
     Stage2Module,
@@ -75,8 +75,7 @@ def train(config: TrainConfig) -> Path:
         unexpected = model.load_state_dict(state, strict=False).unexpected_keys
         if unexpected:
             raise RuntimeError(f"trained weights with unknown names: {unexpected[:5]}")
-        export_checkpoint(model, final, llm_trained=llm_trained(config), merge=config.merge_lora,
-                          base_dir=model_base_dir(config.model))
+        export_trained(model, config, final, merge=config.merge_lora)
         log.info("exported the trained model to %s", final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
