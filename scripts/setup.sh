@@ -13,10 +13,10 @@ extras="${LLAMA_OMNI_EXTRAS:-all,test}"
 home="${LLAMA_OMNI_HOME:-$HOME/.cache/llama-omni}"
 
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  echo "== system packages (espeak-ng, flite, sox, pocketsphinx test speech)"
+  echo "== system packages (espeak-ng, flite, sox, pocketsphinx test speech, ffmpeg for Gradio's streamed audio)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    espeak-ng flite sox pocketsphinx-testdata >/dev/null
+    espeak-ng flite sox pocketsphinx-testdata ffmpeg >/dev/null
 fi
 
 echo "== Python environment (.venv)"

@@ -70,8 +70,11 @@ def test_three_items_end_to_end(tiny_model, tmp_path):
         assert record["s2s_10"]["text"] == record["s2t"]["text"]  # greedy: the same answer
         assert -1.0 <= record["fidelity"] <= 1.0
         assert model["judge"]["s2t"] == {"content": 3, "style": 4, "scored": 3, "unscored": 0}
-        cascade_record = json.loads((out / "items" / "cascade" / "q1.json").read_text())
-        assert "tea" in cascade_record["s2t"]["transcript"].lower()  # real ASR of the question
+        # Real ASR of the questions. (q1's espeak-ng voice, en-us+m7, says "a good cup of
+        # tea" in a way Whisper base with ctranslate2 4.8 hears as "a god-cup-unty".)
+        for item, word in (("q0", "france"), ("q2", "ocean")):
+            cascade_record = json.loads((out / "items" / "cascade" / f"{item}.json").read_text())
+            assert word in cascade_record["s2t"]["transcript"].lower()
         assert summary["run"]["command"].startswith(f"llama-omni eval {checkpoint} --set ")
         markdown = (report / "report.md").read_text()
         assert "Table 1" in markdown and "Table 3" in markdown
