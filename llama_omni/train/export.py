@@ -71,7 +71,6 @@ def export_run(
     if step is not None and step not in found:
         raise FileNotFoundError(f"{run_dir}: no checkpoint at step {step}; have {sorted(found)}")
     chosen = found[step if step is not None else max(found)]
-    _inherited_lora(config, merge)  # refuse before the work
     model = prepare_model(config)
     # The align stage trains a CTC head beside the adaptor; it is read, then left out.
     trained = AlignModule.for_model(model) if config.stage == "align" else model
