@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from llama_omni.model.llm import LLMConfig
 from llama_omni.model.prompt import IGNORE_INDEX, SPEECH_TOKEN_INDEX
-from llama_omni.train.batches import SpeechTextCollator, SpeechTextExample
+from llama_omni.train.batches import EpochBatches, SpeechTextCollator, SpeechTextExample
 from llama_omni.train.data import (
     DataError,
     answer_spans,
@@ -147,3 +147,39 @@ def test_heldout_split_is_stable(tmp_path):
     assert {c.id for c in heldout} == {c.id for c in again}
     assert {c.id for c in train} | {c.id for c in heldout} == {c.id for c in items}
     assert len(split_heldout(items, 0.99, max_items=2)[1]) == 2
+
+
+def epoch(sampler: EpochBatches, number: int) -> list[list[int]]:
+    sampler.epoch = number
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    return batches
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_epoch_batches_cover_every_example_once_in_a_seeded_order(grouped):
+    size = 1000
+    lengths = torch.randint(1, 100, (size,), generator=torch.Generator().manual_seed(1)).tolist()
+    sampler = EpochBatches(size, 4, seed=7, lengths=lengths if grouped else None)
+    first = epoch(sampler, 0)
+    assert sorted(i for b in first for i in b) == list(range(size))
+    assert all(len(b) == 4 for b in first)
+    assert epoch(sampler, 0) == first  # a resumed run sees the same batches
+    assert epoch(sampler, 1) != first
+
+
+def test_grouping_by_length_leaves_little_padding_and_a_random_order():
+    size = 1000
+    lengths = torch.randint(1, 100, (size,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def useful_fraction(batches):  # real positions / padded positions
+        return sum(lengths[i] for b in batches for i in b) / sum(
+            len(b) * max(lengths[i] for i in b) for b in batches)
+
+    plain = epoch(EpochBatches(size, 4, seed=7), 0)
+    grouped = epoch(EpochBatches(size, 4, seed=7, lengths=lengths), 0)
+    assert useful_fraction(plain) < 0.7 and useful_fraction(grouped) > 0.95
+    longest = [max(lengths[i] for i in b) for b in grouped]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+    with pytest.raises(ValueError, match="lengths"):
+        EpochBatches(size, 4, seed=7, lengths=lengths[:-1])

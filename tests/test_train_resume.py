@@ -97,12 +97,14 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, small_llm_dir):
     assert_same_weights(killed, straight)
 
 
-@pytest.mark.parametrize("stage", ["stage2", "stage1", "align"])
-def test_resume_from_a_checkpoint_equals_uninterrupted(tmp_path, small_llm_dir, stage):
+@pytest.mark.parametrize("stage, grouped", [
+    ("stage2", False), ("stage2", True), ("stage1", False), ("align", False),
+])
+def test_resume_from_a_checkpoint_equals_uninterrupted(tmp_path, small_llm_dir, stage, grouped):
     """In process: restart from the step-4 checkpoint of a run and finish it again."""
     data = write_manifest(tmp_path / "data", items=3)
     values = {"model.overrides": {"llm": {"prompt_style": "chat-template"}}, "max_steps": 8,
-              "save_every": 4, "keep_checkpoints": 5}
+              "save_every": 4, "keep_checkpoints": 5, "data.group_by_length": grouped}
     straight = tiny_config(tmp_path / "a", small_llm_dir, data, stage, **values)
     train(straight)
     resumed = tiny_config(tmp_path / "b", small_llm_dir, data, stage, **values)

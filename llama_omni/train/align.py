@@ -85,6 +85,10 @@ class TranscriptDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e.tokens) for e in self.examples]  # the speech length follows the transcript
+
     def __getitem__(self, index: int) -> tuple[Tensor, list[int]]:
         example = self.examples[index]
         return self.features.load(example.feature_key)["features"], example.tokens

@@ -107,6 +107,10 @@ class SpeechTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def lengths(self) -> list[int]:
+        return [e.length for e in self.examples]
+
     def __getitem__(self, index: int) -> tuple[SpeechTextExample, list[torch.Tensor]]:
         example = self.examples[index]
         return example, [self.features.load(key)["features"] for key in example.feature_keys]
@@ -167,6 +171,10 @@ class UnitDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e.units) for e in self.examples]  # the upsampled length follows the units
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int]]:
         example = self.examples[index]
         return self.states.load(example.state_key)["states"], example.units
@@ -188,17 +196,40 @@ class EpochBatches(Sampler[list[int]]):
 
     The trainer sets `epoch` before iterating, so a resumed run sees exactly the batches
     an uninterrupted run would (the data position is then a count of batches to skip).
+
+    With `lengths` (data.group_by_length), the shuffled examples are taken in groups of
+    GROUP micro-batches, each group sorted by length and cut into micro-batches, and the
+    micro-batches shuffled again: batches stay random but hold examples of similar
+    length, so little compute goes to padding.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int):
+    GROUP = 32
+
+    def __init__(self, size: int, batch_size: int, seed: int, lengths: list[int] | None = None):
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"{len(lengths)} lengths for {size} examples")
         self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.lengths = lengths
         self.epoch = 0
 
     def __len__(self) -> int:
-        return -(-self.size // self.batch_size)
+        if self.lengths is None:
+            return -(-self.size // self.batch_size)
+        group = self.GROUP * self.batch_size
+        full, rest = divmod(self.size, group)
+        return full * self.GROUP + (rest + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
-        for start in range(0, self.size, self.batch_size):
-            yield order[start : start + self.batch_size]
+        if self.lengths is None:
+            for start in range(0, self.size, self.batch_size):
+                yield order[start : start + self.batch_size]
+            return
+        group = self.GROUP * self.batch_size
+        batches = []
+        for start in range(0, self.size, group):
+            ranked = sorted(order[start : start + group], key=self.lengths.__getitem__)
+            batches += [ranked[i : i + self.batch_size] for i in range(0, len(ranked), self.batch_size)]
+        for i in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[i]

@@ -82,6 +82,8 @@ class DataSpec(ConfigBase):
     cache_dtype: str = "float32"
     encode_batch_size: int = 8
     num_workers: int = 0
+    # Micro-batches of similar lengths (still in random order): less padding, faster steps.
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         coerce_fields(self)

@@ -66,7 +66,8 @@ class Trainer:
         self.progress = checkpoints.Progress()
         if not len(stage.train):
             raise ValueError("no training examples (after the data.max_length filter)")
-        self.sampler = EpochBatches(len(stage.train), config.micro_batch_size, config.seed)
+        lengths = stage.train.lengths if config.data.group_by_length else None
+        self.sampler = EpochBatches(len(stage.train), config.micro_batch_size, config.seed, lengths)
         workers = dict(collate_fn=stage.collate, num_workers=config.data.num_workers)
         train_loader = DataLoader(stage.train, batch_sampler=self.sampler, **workers)
         eval_loader = (
