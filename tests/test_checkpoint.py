@@ -121,3 +121,21 @@ def test_cli_info_reports_parameter_counts(tiny_model, tmp_path):
     for command in ([], ["info", "--help"], ["vocode", "--help"], ["setup", "--help"]):
         result = CliRunner().invoke(app, command)
         assert "Usage" in result.output, (command, result.output)
+
+
+@torch.no_grad()
+def test_round_trip_keeps_the_copy_position_embedding(tiny_model, tmp_path):
+    decoder, kept = tiny_model.speech_decoder.reconfigured(copy_position=True)
+    assert kept
+    decoder.copy_embedding.normal_()
+    original = tiny_model.speech_decoder
+    tiny_model.speech_decoder = decoder
+    tiny_model.config = tiny_model.config.replace(speech_decoder=decoder.config)
+    try:
+        loaded = load_model(save_checkpoint(tiny_model, tmp_path / "ckpt"))
+    finally:
+        tiny_model.speech_decoder = original
+        tiny_model.config = tiny_model.config.replace(speech_decoder=original.config)
+    assert loaded.config.speech_decoder.copy_position
+    states = torch.randn(1, 4, decoder.config.input_width)
+    torch.testing.assert_close(loaded.speech_decoder(states)[0], decoder(states)[0], atol=1e-3, rtol=1e-3)

@@ -10,6 +10,7 @@ from llama_omni.model.speech_decoder import (
     LLAMA31_ROPE_SCALING,
     SpeechDecoder,
     SpeechDecoderConfig,
+    copy_indices,
     ctc_collapse,
 )
 
@@ -222,3 +223,26 @@ def test_widening_the_input_for_token_input_keeps_what_the_decoder_computes():
     torch.testing.assert_close(after, before)  # the new input columns start at zero
     _, kept = decoder.reconfigured(input_width=decoder.config.input_width // 2)
     assert not kept  # a narrower input cannot keep the weights
+
+
+def test_copy_indices_count_within_each_token_and_cap_stretched_tokens():
+    index = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    assert copy_indices(index, 3).tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2], [0, 1, 2, 2, 0, 1, 2, 2, 2]]
+
+
+def test_copy_position_starts_neutral_then_marks_each_copy_and_streams_like_one_shot():
+    torch.manual_seed(5)
+    decoder = SpeechDecoder(tiny()).eval()
+    marked, kept = decoder.reconfigured(copy_position=True)
+    assert kept and marked.copy_embedding.shape == (25, 64)
+    hidden = torch.randn(2, 6, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(marked(hidden)[0], decoder(hidden)[0])  # zero at first
+        marked.copy_embedding.normal_()
+        x, _ = marked.upsample(torch.zeros(1, 2, 64))
+        torch.testing.assert_close(x[0], marked.copy_embedding.repeat(2, 1))  # copy k gets row k
+        full, _ = marked(hidden)
+        assert not torch.allclose(full, decoder(hidden)[0], atol=1e-3)
+        with marked.streaming(batch_size=2):
+            pieces = [marked(hidden[:, a:b])[0] for a, b in [(0, 1), (1, 4), (4, 6)]]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)

@@ -55,6 +55,11 @@ class SpeechDecoderConfig(ConfigBase):
     # carries a distribution over token i; a small LLM is often unsure which token it will
     # emit, and then the decoder cannot know which word to speak.
     token_input: bool = False
+    # Our models' option: each upsampled copy of a state gets a learnt vector for its index
+    # among its token's lambda copies. Without it only the causal attention over identical
+    # copies can tell the decoder where inside a token it is, and so which of the token's
+    # ~10 units to emit there; two small layers find that hard.
+    copy_position: bool = False
 
     def __post_init__(self) -> None:
         for name in ("input_width", "n_layers", "width", "n_heads", "ffn", "upsample", "unit_vocab"):
@@ -309,6 +314,11 @@ class SpeechDecoder(StreamingModule[DecoderState]):
         super().__init__()
         self.config = config
         self.input_proj = nn.Linear(config.input_width, config.width, device=device, dtype=dtype)
+        # Zero at first: switching it on leaves a trained decoder's outputs unchanged.
+        self.copy_embedding = (
+            nn.Parameter(torch.zeros(config.upsample, config.input_width, device=device, dtype=dtype))
+            if config.copy_position else None
+        )  # [lambda, Din]
         self.layers = nn.ModuleList(DecoderLayer(config, device, dtype) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.width, config.rms_eps, device, dtype) if config.final_norm else None
         self.output_proj = nn.Linear(config.width, config.unit_vocab + 1, device=device, dtype=dtype)
@@ -320,7 +330,8 @@ class SpeechDecoder(StreamingModule[DecoderState]):
         it kept these weights (they fit, e.g. for a new attention_window) or starts fresh.
 
         A wider input (e.g. switching token_input on) keeps the weights too: the new input
-        columns start at zero, so the decoder starts out computing what it computed before.
+        columns start at zero, so the decoder starts out computing what it computed before;
+        so does switching copy_position on (its embedding starts at zero).
         """
         param = next(self.parameters())
         decoder = SpeechDecoder(self.config.replace(**changes), device=param.device, dtype=param.dtype)
@@ -330,6 +341,8 @@ class SpeechDecoder(StreamingModule[DecoderState]):
         if new.shape[0] == old.shape[0] and new.shape[1] > old.shape[1]:
             extra = old.new_zeros(old.shape[0], new.shape[1] - old.shape[1])
             weights["input_proj.weight"] = torch.cat([old, extra], 1)  # [D, Din_new]
+        if decoder.copy_embedding is not None and "copy_embedding" not in weights:
+            weights["copy_embedding"] = decoder.copy_embedding.detach().clone()
         kept = {k: v.shape for k, v in weights.items()} == {
             k: v.shape for k, v in decoder.state_dict().items()
         }
@@ -352,6 +365,8 @@ class SpeechDecoder(StreamingModule[DecoderState]):
 
         With `target_lengths` (training), an item whose unit sequence is longer than
         lambda * M is stretched uniformly to the target length, so CTC stays feasible.
+        With copy_position, each copy gets the embedding of its index within its token
+        (a stretched token's copies past lambda - 1 share the last one).
         """
         batch, tokens, _ = hidden.shape
         lam = self.config.upsample
@@ -367,6 +382,8 @@ class SpeechDecoder(StreamingModule[DecoderState]):
         valid = t < up[:, None]
         index = index.masked_fill(~valid, 0).clamp(max=max(tokens - 1, 0))
         out = torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        if self.copy_embedding is not None:
+            out = out + self.copy_embedding[copy_indices(index, lam)]
         return out.masked_fill(~valid[..., None], 0.0), up  # [B, T, D], [B]
 
     # -- forward ----------------------------------------------------------------------------
@@ -450,6 +467,16 @@ class SpeechDecoder(StreamingModule[DecoderState]):
         """[B, M, Din] -> unit sequences (offline, whole answers)."""
         log_probs, out_lengths = self(hidden, lengths)
         return self.greedy_units(log_probs, out_lengths)
+
+
+def copy_indices(index: torch.Tensor, upsample: int) -> torch.Tensor:
+    """[B, T] token index of each upsampled position -> [B, T] its index among the copies
+    of that token (0 at the token's first copy), capped at upsample - 1."""
+    t = torch.arange(index.shape[1], device=index.device).expand_as(index)  # [B, T]
+    starts = torch.ones_like(index, dtype=torch.bool)
+    starts[:, 1:] = index[:, 1:] != index[:, :-1]
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values  # [B, T]
+    return (t - first).clamp(max=upsample - 1)
 
 
 def ctc_collapse(symbols: Sequence[int], blank: int, previous: int | None = None) -> list[int]:
