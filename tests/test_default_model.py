@@ -5,6 +5,7 @@ base and SmolLM2, our trained adaptor / LoRA / speech decoder, our hibari vocode
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 import soundfile as sf
 import torch
 
+from llama_omni.errors import CheckpointError
 from llama_omni.inference.defaults import DEFAULT_MODEL_DIR
-from llama_omni.model.checkpoint import load_model
+from llama_omni.model.checkpoint import load_model, save_checkpoint
 from llama_omni.model.lora import LORA_SUBDIR
 
 QUESTION = Path(__file__).parents[1] / "llama_omni" / "serve" / "static" / "examples" / "capital.flac"
@@ -42,6 +44,22 @@ def test_lora_is_folded_into_the_packaged_backbone():
     assert torch.equal(  # and only where LoRA targets: embeddings are untouched
         tuned.llm.model.get_input_embeddings().weight, base.get_input_embeddings().weight
     )
+
+
+def test_saving_a_loaded_model_keeps_its_lora_update(tmp_path):
+    """The packaged backbone is stored by reference, so the folded adapter must be stored
+    again; if its directory is gone, saving says so instead of dropping the update."""
+    copy = Path(shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "default-model"))
+    model = load_model(copy)
+    saved = save_checkpoint(model, tmp_path / "saved")
+    assert (saved / LORA_SUBDIR).is_dir()
+    again = load_model(saved)
+    name = "model.layers.3.mlp.down_proj.weight"
+    assert torch.equal(again.llm.model.get_parameter(name), model.llm.model.get_parameter(name))
+    shutil.rmtree(copy / LORA_SUBDIR)
+    with pytest.raises(CheckpointError, match="LoRA update"):
+        save_checkpoint(model, tmp_path / "lost")
+    assert not (tmp_path / "lost").exists()
 
 
 def test_chat_answers_the_bundled_question_with_text_and_speech(tmp_path):

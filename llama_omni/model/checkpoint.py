@@ -87,6 +87,15 @@ def save_checkpoint(model: OmniModel, directory: str | Path) -> Path:
         if cfg.llm.source == "embedded":
             model.llm.model.save_pretrained(tmp / EMBEDDED_SUBDIR)
             model.llm.tokenizer.save_pretrained(tmp / EMBEDDED_SUBDIR)
+        adapter = model.llm.folded_adapter
+        if adapter is not None and cfg.llm.source != "embedded":  # embedded: saved folded
+            if not adapter.is_dir():
+                raise CheckpointError(
+                    f"the LLM holds the LoRA update of {adapter}, which is gone, and the "
+                    "checkpoint names its backbone by reference: restore that directory, or "
+                    "save with the LLM embedded"
+                )
+            shutil.copytree(adapter, tmp / LORA_SUBDIR)
         payload = {"format_version": FORMAT_VERSION, "config": cfg.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         if directory.exists():
@@ -161,9 +170,10 @@ def load_own_checkpoint(directory: str | Path, *, device=None, dtype=None) -> Om
         loaded_cfg, encoder = load_encoder(cfg.encoder_source, pad_to_30s=cfg.encoder.pad_to_30s)
         _check_encoder_dims(loaded_cfg, cfg.encoder, cfg.encoder_source)
     backbone, tokenizer = load_backbone(cfg.llm.source, base_dir=directory)
+    llm = SpeechLLM(backbone, tokenizer, cfg.llm)
     if (directory / LORA_SUBDIR).is_dir():  # a backbone by reference + our LoRA update
         fold_lora(backbone, directory / LORA_SUBDIR)
-    llm = SpeechLLM(backbone, tokenizer, cfg.llm)
+        llm.folded_adapter = (directory / LORA_SUBDIR).resolve()
     adaptor, decoder = SpeechAdaptor(cfg.adaptor), SpeechDecoder(cfg.speech_decoder)
     load_strict(adaptor, _with_prefix(tensors, "adaptor."), "adaptor")
     load_strict(decoder, _with_prefix(tensors, "speech_decoder."), "speech decoder")

@@ -148,6 +148,9 @@ class SpeechLLM(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        # The `lora/` folded into the weights at load: a checkpoint that names its backbone
+        # by reference must store it again (save_checkpoint does), or the update is lost.
+        self.folded_adapter: Path | None = None
         self._stop_token_ids = frozenset(config.stop_token_ids) or _backbone_eos_ids(
             model, tokenizer
         )

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from llama_omni.model.checkpoint import save_checkpoint
@@ -79,25 +78,19 @@ def export_run(
 
 
 def export_trained(model: OmniModel, config: TrainConfig, directory: str | Path, *, merge: bool) -> Path:
-    """Export the model a run with `config` trained (at its end, or from a checkpoint)."""
-    inherited = _inherited_lora(config, merge)
-    exported = export_checkpoint(
-        model, directory, llm_trained=llm_trained(config), merge=merge,
-        base_dir=model_base_dir(config.model),
-    )
-    if inherited is not None and not llm_trained(config):
-        shutil.copytree(inherited, exported / LORA_SUBDIR, dirs_exist_ok=True)
-    return exported
+    """Export the model a run with `config` trained (at its end, or from a checkpoint).
 
-
-def _inherited_lora(config: TrainConfig, merge: bool) -> Path | None:
-    """The `lora/` of the checkpoint the run started from (folded into its LLM), if any."""
+    An LLM that came with a folded `lora/` and was not trained keeps it (save_checkpoint
+    stores it again); one trained further is written whole, unless LoRA stays unmerged,
+    which would keep only the new adapter: refused.
+    """
     start = Path(config.model.checkpoint) if config.model.checkpoint else None
-    if start is None or not (start / LORA_SUBDIR).is_dir():
-        return None
-    if llm_trained(config) and not merge:
+    if start is not None and (start / LORA_SUBDIR).is_dir() and llm_trained(config) and not merge:
         raise ValueError(
             f"the run trained LoRA on top of the adapter of {start}; an unmerged export "
             "would keep only the new one: export with LoRA merged"
         )
-    return start / LORA_SUBDIR
+    return export_checkpoint(
+        model, directory, llm_trained=llm_trained(config), merge=merge,
+        base_dir=model_base_dir(config.model),
+    )
