@@ -12,6 +12,7 @@ from llama_omni.eval.metrics import (
     error_counts,
     error_rates,
     mean,
+    median_item_wer,
     normalize_english,
 )
 from llama_omni.eval.report import markdown, summarize
@@ -56,6 +57,13 @@ def test_corpus_rates_sum_errors_before_dividing():
     assert wer == pytest.approx(20.0)  # 2 / 10, not the mean of 33.3 and 0
     assert cer == pytest.approx(12.5)  # 5 / 40
     assert error_rates([None]) == (None, None)
+
+
+def test_median_wer_shrugs_off_one_looping_transcript():
+    counts = [ErrorCounts(1, 4, 2, 20), ErrorCounts(0, 10, 0, 50), ErrorCounts(40, 10, 200, 50)]
+    assert error_rates(counts)[0] == pytest.approx(100 * 41 / 24)  # the loop dominates
+    assert median_item_wer(counts + [None]) == pytest.approx(25.0)
+    assert median_item_wer([None]) is None
 
 
 def test_number_words_match_digits():
@@ -109,7 +117,7 @@ def test_latency_per_omega_in_the_summary():
     assert runs["10"]["wer"] == pytest.approx(25.0)  # the item without a reference is skipped
     assert summary["systems"]["llama-omni"]["s2t"]["fidelity"] == pytest.approx(0.6)
     table3 = markdown(summary, plot=None).split("## Table 3")[1]
-    assert "| 10 | 115 | 2.00 | 25.00 |" in table3 and "| inf | 170 | 6.00 |" in table3
+    assert "| 10 | 115 | 2.00 | 25.00 | 25.00 |" in table3 and "| inf | 170 | 6.00 |" in table3
 
 
 def test_mean_skips_missing_values():

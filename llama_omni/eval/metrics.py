@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,14 @@ def error_rates(counts: Iterable[ErrorCounts | None]) -> tuple[float | None, flo
     wer = 100.0 * sum(c.word_errors for c in counts) / sum(c.words for c in counts)
     cer = 100.0 * sum(c.char_errors for c in counts) / sum(c.chars for c in counts)
     return wer, cer
+
+
+def median_item_wer(counts: Iterable[ErrorCounts | None]) -> float | None:
+    """Median over items of each item's WER (%). Whisper can loop on an answer that repeats
+    a phrase, transcribing it far past the audio; one such item can dominate the corpus
+    WER, the median shows what a typical answer sounds like."""
+    rates = [100.0 * c.word_errors / c.words for c in counts if c is not None]
+    return statistics.median(rates) if rates else None
 
 
 class ASR:

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from llama_omni.eval.metrics import ErrorCounts, error_rates, mean
+from llama_omni.eval.metrics import ErrorCounts, error_rates, mean, median_item_wer
 from llama_omni.eval.runner import CASCADE, MODEL, omega_name
 
 PLOT_NAME = "latency_vs_quality.png"
@@ -27,13 +27,14 @@ def _stage(record: dict, name: str) -> dict | None:
 
 
 def _speech_summary(stages: list[dict]) -> dict[str, Any]:
-    wer, cer = error_rates(ErrorCounts(**s["errors"]) if s.get("errors") else None for s in stages)
+    counts = [ErrorCounts(**s["errors"]) if s.get("errors") else None for s in stages]
+    wer, cer = error_rates(counts)
     dns = [s["dnsmos"] for s in stages if s.get("dnsmos")]
     return {
         "items": len(stages),
         "latency_ms": mean(s["first_audio_ms"] for s in stages),
         "lagging_words": mean(s["lagging_words"] for s in stages),
-        "wer": wer, "cer": cer,
+        "wer": wer, "cer": cer, "wer_median": median_item_wer(counts),
         "dnsmos_ovrl": mean(d["ovrl_mos"] for d in dns),
         "dnsmos_p808": mean(d["p808_mos"] for d in dns),
         "utmos": mean(s.get("utmos") for s in stages),
@@ -107,19 +108,20 @@ def markdown(summary: dict[str, Any], plot: str | None = PLOT_NAME) -> str:
     rows = []
     for name, s in systems.items():
         r = _reference_run(summary, name)
-        rows.append([name, _fmt(r.get("wer")), _fmt(r.get("cer")), _fmt(r.get("dnsmos_ovrl")),
-                     _fmt(r.get("dnsmos_p808")), _fmt(r.get("utmos")), _fmt(r.get("latency_ms"), 0),
-                     _fmt(r.get("lagging_words")), _fmt(s["s2t"]["fidelity"], 3)])
-    lines += _table(["System", "ASR-WER", "ASR-CER", "DNSMOS OVRL", "DNSMOS P.808", "UTMOS",
+        rows.append([name, _fmt(r.get("wer")), _fmt(r.get("wer_median")), _fmt(r.get("cer")),
+                     _fmt(r.get("dnsmos_ovrl")), _fmt(r.get("dnsmos_p808")), _fmt(r.get("utmos")),
+                     _fmt(r.get("latency_ms"), 0), _fmt(r.get("lagging_words")),
+                     _fmt(s["s2t"]["fidelity"], 3)])
+    lines += _table(["System", "ASR-WER", "WER median", "ASR-CER", "DNSMOS OVRL", "DNSMOS P.808", "UTMOS",
                      "Latency (ms)", "Lagging words", "Fidelity"], rows)
     lines += ["", "## Table 3: chunk size Omega", ""]
     rows = []
     for name, s in systems.items():
         for label, r in s["s2s"].items():
             rows.append([label if name == MODEL else name, _fmt(r["latency_ms"], 0),
-                         _fmt(r["lagging_words"]), _fmt(r["wer"]), _fmt(r["cer"]),
+                         _fmt(r["lagging_words"]), _fmt(r["wer"]), _fmt(r["wer_median"]), _fmt(r["cer"]),
                          _fmt(r["dnsmos_ovrl"]), _fmt(r["utmos"]), _fmt(_seconds(r["decode_ms"]))])
-    lines += _table(["Omega", "Latency (ms)", "Lagging words", "ASR-WER", "ASR-CER",
+    lines += _table(["Omega", "Latency (ms)", "Lagging words", "ASR-WER", "WER median", "ASR-CER",
                      "DNSMOS OVRL", "UTMOS", "Decode (s)"], rows)
     lines += ["", "## Decode time: text only vs text + speech", ""]
     rows = []
