@@ -84,11 +84,11 @@ def export_trained(model: OmniModel, config: TrainConfig, directory: str | Path,
     stores it again); one trained further is written whole, unless LoRA stays unmerged,
     which would keep only the new adapter: refused.
     """
-    start = Path(config.model.checkpoint) if config.model.checkpoint else None
-    if start is not None and (start / LORA_SUBDIR).is_dir() and llm_trained(config) and not merge:
+    folded = model.llm.folded_adapter
+    if folded is not None and llm_trained(config) and not merge:
         raise ValueError(
-            f"the run trained LoRA on top of the adapter of {start}; an unmerged export "
-            "would keep only the new one: export with LoRA merged"
+            f"the run trained LoRA on top of the adapter of {folded.parent}; an unmerged "
+            "export would keep only the new one: export with LoRA merged"
         )
     return export_checkpoint(
         model, directory, llm_trained=llm_trained(config), merge=merge,
