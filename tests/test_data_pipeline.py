@@ -134,6 +134,22 @@ def test_other_selection_in_the_same_directory_is_refused(tmp_path):
         Pipeline(other, llm=EchoLLM(), progress=False, log=lambda _: None).run(("rewrite",))
 
 
+def test_a_larger_limit_grows_the_data_set_and_keeps_finished_items(tmp_path):
+    quiet = {"llm": EchoLLM(), "progress": False, "log": lambda _: None}
+    small = _config(tmp_path, source={"kind": "jsonl", "path": str(tmp_path / "questions.jsonl"),
+                                      "limit": 5})
+    Pipeline(small, **quiet).run(("rewrite",))
+    first = (Path(small.out) / "items.jsonl").read_text()
+    assert sorted(_log_ids(Path(small.out), "rewrite")) == sorted(f"q{i}" for i in range(5))
+    grown = small.replace(source=small.source.replace(limit=None))
+    Pipeline(grown, **quiet).run(("rewrite",))
+    assert (Path(small.out) / "items.jsonl").read_text().startswith(first)
+    ids = _log_ids(Path(small.out), "rewrite")
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == len(QUESTIONS)  # each done once
+    assert json.loads((Path(small.out) / "selection.json").read_text())["selected"] == len(QUESTIONS)
+    with pytest.raises(ValueError, match="smaller limit"):
+        Pipeline(small, **quiet).run(("rewrite",))
+
 @pytest.fixture()
 def units_model(tmp_path):
     """A units model on Whisper base layer 1 with random centroids (real features, tiny K)."""

@@ -2,7 +2,8 @@
 
 Layout of a data set directory (`out` in the config):
 
-    items.jsonl, selection.json   the selected instructions (written once) and filter counts
+    items.jsonl, selection.json   the selected instructions and filter counts (written once;
+                                  a larger source.limit appends items)
     state/<step>/<shard>.jsonl    per-step results (see state.py: each item done once)
     audio/instruction/<id>.flac   instruction speech (16 kHz FLAC)
     audio/response/<id>.flac      response speech
@@ -56,31 +57,54 @@ class Pipeline:
 
     # -- selection -------------------------------------------------------------------------
 
-    def _fingerprint(self) -> str:
-        keys = {"source": self.config.source.to_dict(), "filters": self.config.filters.to_dict()}
+    def _fingerprint(self, limit: int | None) -> str:
+        """Identifies the selection: source and filters, with `limit` as the source's limit."""
+        source = {**self.config.source.to_dict(), "limit": limit}
+        keys = {"source": source, "filters": self.config.filters.to_dict()}
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
     def select(self) -> list[dict]:
-        """The selected items: read once from the source, then always from items.jsonl."""
+        """The selected items: read once from the source, then always from items.jsonl.
+
+        Raising `source.limit` grows a built data set: the first items stay as they are
+        (and keep their finished steps), the next ones that pass the filters are added."""
         items_path, selection_path = self.root / ITEMS_NAME, self.root / SELECTION_NAME
+        limit = self.config.source.limit
         if items_path.is_file() and selection_path.is_file():
             saved = json.loads(selection_path.read_text())
-            if saved["fingerprint"] != self._fingerprint():
+            saved_limit = saved["config"]["source"]["limit"]
+            if saved["fingerprint"] != self._fingerprint(saved_limit):
                 raise ValueError(
                     f"{self.root} was built from another source/filters config "
                     f"({saved['config']}); use a new `out` directory for a different selection")
-            return list(read_jsonl(items_path))
+            items = list(read_jsonl(items_path))
+            if limit == saved_limit:
+                return items
+            if limit is not None and (saved_limit is None or limit < saved_limit):
+                raise ValueError(
+                    f"{self.root} holds a selection of source.limit={saved_limit}; a smaller "
+                    f"limit ({limit}) would drop built items: raise the limit or use a new `out`")
+            return self._select_from_source(previous=items)
+        return self._select_from_source(previous=[])
+
+    def _select_from_source(self, previous: list[dict]) -> list[dict]:
         rejected: Counter = Counter()
         kept = apply_filters(read_source(self.config.source), self.config.filters, rejected)
         items = [{"id": i.id, "source": i.source, "text": i.text, "response": i.response}
                  for i in islice(kept, self.config.source.limit)]
         if not items:
             raise ValueError(f"no instruction passed the filters (rejected: {dict(rejected)})")
-        write_jsonl(items_path, items, self._tag)
-        summary = {"fingerprint": self._fingerprint(), "selected": len(items),
+        if [i["id"] for i in items[:len(previous)]] != [i["id"] for i in previous]:
+            raise ValueError(f"the source no longer starts with the {len(previous)} items "
+                             f"selected in {self.root}; use a new `out` directory")
+        if previous:
+            self.log(f"selection grows from {len(previous)} to {len(items)} items")
+        write_jsonl(self.root / ITEMS_NAME, items, self._tag)
+        limit = self.config.source.limit
+        summary = {"fingerprint": self._fingerprint(limit), "selected": len(items),
                    "rejected": dict(rejected), "config": {"source": self.config.source.to_dict(),
                                                           "filters": self.config.filters.to_dict()}}
-        atomic_write_text(selection_path, json.dumps(summary, indent=2) + "\n", self._tag)
+        atomic_write_text(self.root / SELECTION_NAME, json.dumps(summary, indent=2) + "\n", self._tag)
         return items
 
     # -- running ---------------------------------------------------------------------------
