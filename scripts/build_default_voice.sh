@@ -6,7 +6,8 @@
 #   nohup nice -n 10 bash scripts/build_default_voice.sh > runs/voice/build.log 2>&1 &
 #
 # Environment: RUN (work dir, default runs/voice), LAYER, K, STEPS, GAN_START,
-# DISC_WIDTH, CKPT_EVERY, THREADS, and
+# DISC_WIDTH, CKPT_EVERY, THREADS, INIT_GENERATOR (a new run starts from this saved
+# vocoder, e.g. the shipped one when its run directory is gone), and
 # UNITS_DIR / VOCODER_DIR (where the shippable units model and vocoder are written).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ THREADS="${THREADS:-1}"
 GAN_START="${GAN_START:-3000}"
 DISC_WIDTH="${DISC_WIDTH:-0.125}"
 CKPT_EVERY="${CKPT_EVERY:-300}"
+INIT_GENERATOR="${INIT_GENERATOR:-}"
 UNITS_DIR="${UNITS_DIR:-llama_omni/weights/units-whisper-base}"
 VOCODER_DIR="${VOCODER_DIR:-llama_omni/weights/vocoder-hibari}"
 PY="${PYTHON:-.venv/bin/python}"
@@ -29,7 +31,7 @@ echo "== 1/4 corpus: hibari speech of ShareGPT sentences ($RUN/corpus)"
 if [ ! -f "$UNITS_DIR/units.json" ]; then
   echo "== 2/4 units model: k-means K=$K on Whisper base layer $LAYER"
   "$PY" -m llama_omni.cli.units train "$RUN/corpus" --out "$UNITS_DIR" --layer "$LAYER" --k "$K" \
-    --threads "$THREADS"
+    --threads "$THREADS" ${INIT_GENERATOR:+--init-generator "$INIT_GENERATOR"}
 fi
 
 if [ ! -f "$RUN/units.npz" ]; then
@@ -42,4 +44,4 @@ echo "== 4/4 vocoder training (resumes from $RUN/vocoder/last.pt)"
 "$PY" -m llama_omni.cli.vocoder train --corpus "$RUN/corpus" --units "$RUN/units.npz" \
   --run-dir "$RUN/vocoder" --num-units "$K" --export-dir "$VOCODER_DIR" --steps "$STEPS" \
   --gan-start-step "$GAN_START" --disc-width "$DISC_WIDTH" --checkpoint-every "$CKPT_EVERY" \
-  --threads "$THREADS"
+  --threads "$THREADS" ${INIT_GENERATOR:+--init-generator "$INIT_GENERATOR"}

@@ -130,3 +130,25 @@ def test_vocoder_train_cli_function(corpus, tmp_path):
                   checkpoint_every=1, samples=0)
     assert (tmp_path / "run" / "last.pt").is_file()
     assert load_vocoder(tmp_path / "export").config.num_units == 32
+
+
+def test_a_new_run_starts_from_a_saved_generator(corpus, tmp_path):
+    from llama_omni.cli.vocoder import vocoder_train
+    from llama_omni.model.vocoder import save_vocoder
+
+    donor = UnitVocoder(VocoderConfig.preset("tiny-istft-test"))
+    torch.nn.init.normal_(donor.dict.weight, std=3.0)  # far from a fresh initialization
+    save_vocoder(donor, tmp_path / "donor")
+    vocoder_train(corpus=corpus, units=corpus / "units.npz", run_dir=tmp_path / "run",
+                  num_units=32, export_dir=tmp_path / "export", preset="tiny-istft-test",
+                  steps=1, batch_size=2, segment_frames=8, disc_width=0.0625,
+                  checkpoint_every=1, samples=0, init_generator=tmp_path / "donor")
+    trained = load_vocoder(tmp_path / "export")
+    moved = (trained.dict.weight - donor.dict.weight).abs().max().item()
+    assert 0 < moved < 0.01  # one small step away from the donor, not from a fresh start
+
+    other = _trainer(corpus, tmp_path / "other")
+    wrong = UnitVocoder(VocoderConfig.preset("tiny-istft-test").replace(num_units=7))
+    save_vocoder(wrong, tmp_path / "wrong")
+    with pytest.raises(ValueError, match="another config"):
+        other.init_generator(tmp_path / "wrong")

@@ -53,6 +53,9 @@ def vocoder_train(
         help="Train with mel + duration losses only until this step.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
     samples: Annotated[int, typer.Option(help="Dev utterances vocoded at checkpoints.")] = 2,
+    init_generator: Annotated[Path | None, typer.Option(
+        help="A new run starts from this saved generator (a vocoder directory) instead of "
+             "random weights; ignored when the run dir has a checkpoint to resume.")] = None,
     seed: int = 0,
     threads: Annotated[int, typer.Option(
         help="Torch threads; on a CPU shared with other jobs 1 is fastest.")] = 1,
@@ -85,6 +88,9 @@ def vocoder_train(
     if trainer.maybe_resume():
         typer.echo(f"resumed {run_dir} at step {trainer.step}")
     else:
+        if init_generator is not None:
+            trainer.init_generator(init_generator)
+            typer.echo(f"generator initialized from {init_generator}")
         typer.echo(f"new run in {run_dir}: {estimate_steps_per_second(trainer):.2f} steps/s")
     trainer.train()
 

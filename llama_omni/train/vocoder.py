@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from llama_omni.configbase import ConfigBase, require
-from llama_omni.model.vocoder import UnitVocoder, VocoderConfig, atomic_path, save_vocoder
+from llama_omni.model.vocoder import (
+    UnitVocoder,
+    VocoderConfig,
+    atomic_path,
+    load_vocoder,
+    save_vocoder,
+)
 from llama_omni.train.discriminators import (
     Discriminators,
     discriminator_loss,
@@ -167,6 +173,16 @@ class VocoderTrainer:
         self.sched_d.load_state_dict(state["sched_d"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
+
+    def init_generator(self, path: str | Path) -> None:
+        """Start a new run from a saved generator (`load_vocoder` formats): fine-tuning, or
+        continuing a run whose checkpoint is gone. Discriminators and optimizers start fresh."""
+        require(self.step == 0, "init_generator: only a new run starts from a saved generator")
+        saved = load_vocoder(path)
+        require(saved.config == self.config.vocoder,
+                f"{path} holds a vocoder of another config ({saved.config}); train with that "
+                f"config (--preset / --num-units) or start from scratch")
+        self.generator.load_state_dict(saved.state_dict())
 
     def maybe_resume(self) -> bool:
         path = self.run_dir / CHECKPOINT_NAME
