@@ -33,6 +33,7 @@ def served(request):
         server.server_close()
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # generate() gets the cache by today's name
 def test_smollm2_through_the_chat_protocol(served):
     local = TransformersChatBackend("packaged:smollm2-135m-instruct", batch_size=2, threads=1)
     url = served(make_server(local, "smollm2"))

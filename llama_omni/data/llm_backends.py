@@ -233,6 +233,8 @@ class TransformersChatBackend(ChatBackend):
         import torch
         from transformers import DynamicCache
 
+        from llama_omni.model.llm import cache_keyword
+
         model, tokenizer = self._loaded
         shared = 0  # keep at least one own token per row: generation starts from it
         while (all(len(r) > shared + 1 for r in rows)
@@ -243,7 +245,7 @@ class TransformersChatBackend(ChatBackend):
             if shared >= self.MIN_SHARED_PREFIX:
                 cache = DynamicCache(config=model.config)
                 model(input_ids=torch.tensor([rows[0][:shared]], device=self.device),
-                      past_key_values=cache, use_cache=True)
+                      use_cache=True, **{cache_keyword(model): cache})
                 cache.batch_repeat_interleave(len(rows))
             else:
                 shared = 0
@@ -257,8 +259,8 @@ class TransformersChatBackend(ChatBackend):
                 torch.manual_seed(self.seed)
             out = model.generate(
                 input_ids=torch.tensor(input_ids, device=self.device),
-                attention_mask=torch.tensor(mask, device=self.device), past_key_values=cache,
-                max_new_tokens=max_new_tokens, do_sample=sampling,
+                attention_mask=torch.tensor(mask, device=self.device),
+                **{cache_keyword(model): cache}, max_new_tokens=max_new_tokens, do_sample=sampling,
                 temperature=temperature if sampling else None, top_p=None, top_k=None,
                 pad_token_id=pad)
         return out[:, shared + width:]  # [B, new tokens]

@@ -8,6 +8,7 @@ Decoding loops live elsewhere; one forward call with a KV cache is one decoding 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,19 @@ class LLMOutput(NamedTuple):
     logits: Tensor  # [B, L, V]
     hidden: Tensor  # [B, L, D] final-layer state after the final norm (the LM head's input)
     past_key_values: Any  # transformers Cache when use_cache, else None
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword under which a transformers model takes its KV cache: transformers 5
+    renamed `past_key_values` to `cache` (the old name warns and is to be removed)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache in a transformers model output, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def resolve_source(source: str, base_dir: str | Path | None = None) -> Path:
@@ -262,12 +276,12 @@ class SpeechLLM(nn.Module):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             output_hidden_states=True,
+            **{cache_keyword(self.model): past_key_values},
         )
         # transformers >= 5 reports the last hidden state after the final norm (tested).
-        cache = out.past_key_values if use_cache else None
+        cache = output_cache(out) if use_cache else None
         return LLMOutput(out.logits, out.hidden_states[-1], cache)
 
 
