@@ -82,6 +82,7 @@ class StreamingVocoder(StreamingModule[VocoderStreamState]):
         self.reach = cfg.dur_kernel - 1 if vocoder.dur_predictor is not None else 0
         self.hop = cfg.hop_length
         self.sample_rate = cfg.sample_rate
+        self.postfilter = vocoder.make_postfilter()  # a child: its state is this stream's
 
     def _init_streaming_state(self, batch_size: int) -> VocoderStreamState:
         return VocoderStreamState(batch_size, [_Stream() for _ in range(batch_size)])
@@ -89,9 +90,15 @@ class StreamingVocoder(StreamingModule[VocoderStreamState]):
     @torch.inference_mode()
     def push(self, index: int, units: list[int], final: bool = False) -> np.ndarray:
         """Add units to stream `index`; return its new audio [T] float32 (maybe empty)."""
-        stream = self.streaming_state.streams[index]
         if self.options.mode == "independent":
-            return self._independent(units)
+            audio = self._independent(units)
+        else:
+            audio = self._seamless(self.streaming_state.streams[index], units, final)
+        if self.postfilter is None or not len(audio):
+            return audio
+        return self.postfilter.push(index, audio)  # the filter's state runs on with the stream
+
+    def _seamless(self, stream: _Stream, units: list[int], final: bool) -> np.ndarray:
         stream.units.extend(units)
         n_fixed = len(stream.units) if final else len(stream.units) - self.reach
         self._fix_durations(stream, n_fixed)

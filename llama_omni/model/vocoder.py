@@ -9,7 +9,9 @@ HiFi-GAN generator that upsamples every step by `hop_length` (320) samples.
 Optional (our extension, off for fairseq configs): an iSTFT output head as in iSTFTNet.
 The last layer then predicts a log-magnitude and a phase spectrum, and an inverse STFT
 does the final `istft_hop` x upsampling, so the costly high-rate layers are dropped; this
-is what lets a vocoder train on a few CPU cores in hours.
+is what lets a vocoder train on a few CPU cores in hours. Its frame rate leaves steady
+tones at multiples of sample_rate / istft_hop; `hop_notch_width` > 0 notches them out of the
+output (`postfilter.py`; applied by `vocode` and the streaming vocoder, not in training).
 
 Two weight formats load here: fairseq's (a `g_*` torch pickle holding {"generator": state
 dict} next to its `config.json`) and ours (`vocoder.json` + `vocoder.safetensors`).
@@ -36,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llama_omni.configbase import ConfigBase, require
+from llama_omni.model.postfilter import HarmonicNotch
 
 CONFIG_NAME = "vocoder.json"
 WEIGHTS_NAME = "vocoder.safetensors"
@@ -60,6 +63,7 @@ class VocoderConfig(ConfigBase):
     final_lrelu_slope: float = 0.01  # fairseq: F.leaky_relu's default slope before conv_post
     istft_n_fft: int = 0  # > 0: iSTFT output head with this FFT size (0: waveform head)
     istft_hop: int = 0  # hop of the iSTFT head, the upsampling it adds
+    hop_notch_width: float = 0.0  # > 0: notches this many Hz wide at k * sample_rate / istft_hop
 
     def __post_init__(self) -> None:
         self.upsample_rates = tuple(self.upsample_rates)
@@ -85,6 +89,10 @@ class VocoderConfig(ConfigBase):
                 f"VocoderConfig: istft_n_fft ({self.istft_n_fft}) and istft_hop "
                 f"({self.istft_hop}) must be both 0 (waveform head) or an even FFT size with "
                 "0 < hop <= n_fft / 2 (Hann windows must overlap for the inverse STFT)")
+        require(self.hop_notch_width == 0 or 0 < self.hop_notch_width * self.istft_hop
+                < self.sample_rate, f"VocoderConfig.hop_notch_width ({self.hop_notch_width}) "
+                "must be 0, or with an iSTFT head (the notches sit at its frame rate) between "
+                "0 and sample_rate / istft_hop")
 
     def _validate_upsampling(self) -> None:
         rates, kernels = self.upsample_rates, self.upsample_kernel_sizes
@@ -167,6 +175,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         upsample_initial_channel=256,
         istft_n_fft=64,
         istft_hop=16,
+        hop_notch_width=250.0,  # chosen by DNSMOS on the voice corpus's dev sentences
     ),
     "tiny-istft-test": dict(
         num_units=32,
@@ -304,6 +313,14 @@ class UnitVocoder(nn.Module):
     def device(self) -> torch.device:
         return self.dict.weight.device
 
+    def make_postfilter(self) -> HarmonicNotch | None:
+        """A fresh output filter for `config.hop_notch_width` (None when off). Not a child
+        module: a vocoder shared by several streams must not share one filter state."""
+        c = self.config
+        if not c.hop_notch_width:
+            return None
+        return HarmonicNotch(c.sample_rate / c.istft_hop, c.sample_rate, c.hop_notch_width)
+
     def predict_durations(self, units: torch.Tensor) -> torch.Tensor:
         """[B, U] unit ids -> [B, U] frames per unit (>= 1)."""
         if self.dur_predictor is None:
@@ -368,8 +385,9 @@ class UnitVocoder(nn.Module):
         units_t = self._as_row(units, "units")
         durations_t = None if durations is None else self._as_row(durations, "durations")
         with torch.inference_mode():
-            wave = self(units_t, durations_t)  # [1, 1, T]
-        return wave[0, 0].float().cpu().numpy()
+            wave = self(units_t, durations_t)[0, 0].float().cpu().numpy()  # [T]
+        postfilter = self.make_postfilter()
+        return wave if postfilter is None else postfilter.apply(wave)
 
     def _as_row(self, values: Sequence[int] | torch.Tensor, name: str) -> torch.Tensor:
         """A sequence, [U] or [1, U] tensor of integers -> LongTensor [1, U] on our device."""
