@@ -8,6 +8,7 @@ Decoding loops live elsewhere; one forward call with a KV cache is one decoding 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,7 +102,13 @@ def cache_keyword(model: nn.Module) -> str:
     """The keyword under which a transformers model takes its KV cache: transformers 5
     renamed `past_key_values` to `cache` (the old name warns and is to be removed)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return _cache_keyword_of(type(base))
+
+
+@functools.cache
+def _cache_keyword_of(model_class: type) -> str:  # once per class: called every decoding step
+    takes_cache = "cache" in inspect.signature(model_class.forward).parameters
+    return "cache" if takes_cache else "past_key_values"
 
 
 def output_cache(out: Any) -> Any:

@@ -3,10 +3,11 @@
 An iSTFT output head overlap-adds one short frame every `istft_hop` samples. Whatever
 consecutive frames share repeats at that rate and is heard as steady tones at multiples
 of sample_rate / istft_hop (1, 2, ..., 7 kHz for the 16 kHz, hop-16 default vocoder:
-40-55 dB above their neighbourhood in its silences). Second-order notches of one -3 dB
-width at those frequencies remove them (a constant width rather than a constant Q
-keeps the upper harmonics of the voice between the notches). The filter is causal, so a stream filtered chunk by chunk
-(its state carried in `NotchState`) equals the whole signal filtered at once.
+35-56 dB above their neighbourhood in its silences). Second-order notches of one -3 dB
+width at those frequencies remove them (a constant width rather than a constant Q keeps
+the upper harmonics of the voice between the notches). The filter is causal, so a stream
+filtered chunk by chunk (its state carried in `NotchState`) equals the whole signal
+filtered at once.
 """
 
 from __future__ import annotations

@@ -179,7 +179,8 @@ class VocoderTrainer:
         continuing a run whose checkpoint is gone. Discriminators and optimizers start fresh."""
         require(self.step == 0, "init_generator: only a new run starts from a saved generator")
         saved = load_vocoder(path)
-        require(saved.config == self.config.vocoder,
+        ours = self.config.vocoder.to_dict()  # the output filter is no trained weight
+        require({**saved.config.to_dict(), "hop_notch_width": ours["hop_notch_width"]} == ours,
                 f"{path} holds a vocoder of another config ({saved.config}); train with that "
                 f"config (--preset / --num-units) or start from scratch")
         self.generator.load_state_dict(saved.state_dict())
