@@ -6,7 +6,7 @@
 #   nohup nice -n 10 bash scripts/build_default_voice.sh > runs/voice/build.log 2>&1 &
 #
 # Environment: RUN (work dir, default runs/voice), LAYER, K, STEPS, GAN_START,
-# DISC_WIDTH, CKPT_EVERY, THREADS, INIT_GENERATOR (a new run starts from this saved
+# DISC_WIDTH, DISC_PERIODS (e.g. 2,3,5,7,11,16), CKPT_EVERY, THREADS, INIT_GENERATOR (a new run starts from this saved
 # vocoder, e.g. the shipped one when its run directory is gone), and
 # UNITS_DIR / VOCODER_DIR (where the shippable units model and vocoder are written).
 set -euo pipefail
@@ -18,6 +18,7 @@ STEPS="${STEPS:-20000}"
 THREADS="${THREADS:-1}"
 GAN_START="${GAN_START:-3000}"
 DISC_WIDTH="${DISC_WIDTH:-0.125}"
+DISC_PERIODS="${DISC_PERIODS:-2,3,5,7,11}"
 CKPT_EVERY="${CKPT_EVERY:-300}"
 INIT_GENERATOR="${INIT_GENERATOR:-}"
 UNITS_DIR="${UNITS_DIR:-llama_omni/weights/units-whisper-base}"
@@ -31,7 +32,7 @@ echo "== 1/4 corpus: hibari speech of ShareGPT sentences ($RUN/corpus)"
 if [ ! -f "$UNITS_DIR/units.json" ]; then
   echo "== 2/4 units model: k-means K=$K on Whisper base layer $LAYER"
   "$PY" -m llama_omni.cli.units train "$RUN/corpus" --out "$UNITS_DIR" --layer "$LAYER" --k "$K" \
-    --threads "$THREADS" ${INIT_GENERATOR:+--init-generator "$INIT_GENERATOR"}
+    --threads "$THREADS"
 fi
 
 if [ ! -f "$RUN/units.npz" ]; then
@@ -43,5 +44,5 @@ fi
 echo "== 4/4 vocoder training (resumes from $RUN/vocoder/last.pt)"
 "$PY" -m llama_omni.cli.vocoder train --corpus "$RUN/corpus" --units "$RUN/units.npz" \
   --run-dir "$RUN/vocoder" --num-units "$K" --export-dir "$VOCODER_DIR" --steps "$STEPS" \
-  --gan-start-step "$GAN_START" --disc-width "$DISC_WIDTH" --checkpoint-every "$CKPT_EVERY" \
+  --gan-start-step "$GAN_START" --disc-width "$DISC_WIDTH" --disc-periods "$DISC_PERIODS" --checkpoint-every "$CKPT_EVERY" \
   --threads "$THREADS" ${INIT_GENERATOR:+--init-generator "$INIT_GENERATOR"}

@@ -152,3 +152,27 @@ def test_a_new_run_starts_from_a_saved_generator(corpus, tmp_path):
     save_vocoder(wrong, tmp_path / "wrong")
     with pytest.raises(ValueError, match="another config"):
         other.init_generator(tmp_path / "wrong")
+
+
+def test_discriminator_periods_are_configurable_and_checked_on_resume(corpus, tmp_path):
+    import typer
+
+    from llama_omni.cli.vocoder import vocoder_train
+
+    vocoder_train(corpus=corpus, units=corpus / "units.npz", run_dir=tmp_path / "run",
+                  num_units=32, preset="tiny-istft-test", steps=1, batch_size=2,
+                  segment_frames=8, disc_width=0.0625, disc_periods="2,3,16",
+                  checkpoint_every=1, samples=0)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert tuple(VocoderTrainConfig.from_dict(state["config"]).disc_periods) == (2, 3, 16)
+    assert {k.split(".")[1] for k in state["discriminators"] if k.startswith("period.")} == {"0", "1", "2"}
+
+    default_periods = _trainer(corpus, tmp_path / "run")  # (2, 3, 5, 7, 11)
+    with pytest.raises(ValueError, match="disc_periods"):
+        default_periods.maybe_resume()
+    for bad in ((), (1, 2), (3, 3)):
+        with pytest.raises(ValueError, match="disc_periods"):
+            VocoderTrainConfig(vocoder=VocoderConfig.preset("tiny-istft-test"), disc_periods=bad)
+    with pytest.raises(typer.BadParameter, match="comma-separated"):
+        vocoder_train(corpus=corpus, units=corpus / "units.npz", run_dir=tmp_path / "bad",
+                      num_units=32, preset="tiny-istft-test", disc_periods="2;16", samples=0)

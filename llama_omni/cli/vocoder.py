@@ -49,6 +49,9 @@ def vocoder_train(
     segment_frames: Annotated[int, typer.Option(help="20 ms unit frames per segment.")] = 24,
     disc_width: Annotated[float, typer.Option(
         help="Discriminator channels as a fraction of HiFi-GAN's.")] = 0.25,
+    disc_periods: Annotated[str, typer.Option(
+        help="Comma-separated periods of the multi-period discriminator; add 16 (the "
+             "iSTFT head's hop) to penalize frame-rate tones.")] = "2,3,5,7,11",
     gan_start_step: Annotated[int, typer.Option(
         help="Train with mel + duration losses only until this step.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
@@ -72,10 +75,15 @@ def vocoder_train(
     from llama_omni.train.vocoder_data import VocoderData, load_frame_units
     from llama_omni.train.voice_corpus import read_manifest
 
+    try:
+        periods = tuple(int(p) for p in disc_periods.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {disc_periods!r}",
+                                 param_hint="--disc-periods") from None
     torch.set_num_threads(threads)
     config = VocoderTrainConfig(
         vocoder=VocoderConfig.preset(preset).replace(num_units=num_units),
-        disc_width=disc_width, gan_start_step=gan_start_step, steps=steps, batch_size=batch_size,
+        disc_width=disc_width, disc_periods=periods, gan_start_step=gan_start_step, steps=steps, batch_size=batch_size,
         segment_frames=segment_frames, checkpoint_every=checkpoint_every, seed=seed,
         threads=threads)
     data = VocoderData(corpus, units, "train", hop=config.vocoder.hop_length)

@@ -49,6 +49,9 @@ CHECKPOINT_NAME = "last.pt"
 class VocoderTrainConfig(ConfigBase):
     vocoder: VocoderConfig = field(default_factory=lambda: VocoderConfig.preset("istft-256"))
     disc_width: float = 0.25  # fraction of HiFi-GAN's discriminator channels
+    # MPD periods; adding the iSTFT head's frame hop (16 samples) lets a discriminator see
+    # the frame-rate pattern that otherwise needs the output notch filter
+    disc_periods: tuple[int, ...] = (2, 3, 5, 7, 11)
     gan_start_step: int = 0  # steps of mel + duration loss only, before the discriminators
     steps: int = 20000
     batch_size: int = 8
@@ -66,6 +69,11 @@ class VocoderTrainConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        self.disc_periods = tuple(self.disc_periods)
+        require(len(self.disc_periods) > 0 and len(set(self.disc_periods)) == len(self.disc_periods)
+                and all(isinstance(p, int) and p > 1 for p in self.disc_periods),
+                f"VocoderTrainConfig.disc_periods must be distinct integers > 1, "
+                f"got {self.disc_periods!r}")
         for name in ("steps", "batch_size", "segment_frames", "checkpoint_every", "log_every",
                      "threads"):
             value = getattr(self, name)
@@ -86,7 +94,7 @@ class VocoderTrainer:
         self.samples = samples or {}  # name -> frame-level unit ids, vocoded at checkpoints
         torch.manual_seed(config.seed)
         self.generator = UnitVocoder(config.vocoder)
-        self.discriminators = Discriminators(config.disc_width)
+        self.discriminators = Discriminators(config.disc_width, config.disc_periods)
         adam = dict(lr=config.lr, betas=config.betas, foreach=True)
         self.opt_g = torch.optim.AdamW(self.generator.parameters(), **adam)
         self.opt_d = torch.optim.AdamW(self.discriminators.parameters(), **adam)
@@ -158,9 +166,11 @@ class VocoderTrainer:
     def load_checkpoint(self, path: str | Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = VocoderTrainConfig.from_dict(state["config"])
-        require(saved.vocoder == self.config.vocoder and saved.disc_width == self.config.disc_width,
+        require(saved.vocoder == self.config.vocoder and saved.disc_width == self.config.disc_width
+                and saved.disc_periods == self.config.disc_periods,
                 f"{path} was trained with a different model config ({saved.vocoder}, "
-                f"disc_width {saved.disc_width}); resume with the same config or a new run dir")
+                f"disc_width {saved.disc_width}, disc_periods {saved.disc_periods}); resume "
+                f"with the same config or a new run dir")
         self.restore(state)
 
     def restore(self, state: dict) -> None:
