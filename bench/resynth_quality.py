@@ -10,6 +10,10 @@ with the source audio's own WER as the reference point; DNSMOS P.808 and P.835 m
 units per second after merging; codebook usage.
 
     python bench/resynth_quality.py --corpus runs/voice/corpus [--n 100]
+    python bench/resynth_quality.py --split dev --variants whole --vocoder DIR   # choosing
+
+Choose between vocoders (checkpoints, settings) on the dev split, with --variants whole
+for speed, and measure the chosen one once on test.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from llama_omni.units.extract import DEFAULT_UNITS_DIR, UnitExtractor
 from llama_omni.units.quality import Transcriber, corpus_wer, dnsmos
 
 OMEGAS = (10, 40)
+VARIANTS = ("source", "whole", "whole_true_durations",
+            *(f"{kind}{o}" for kind in ("omega", "seamless") for o in OMEGAS))
 
 
 def chunked(vocoder, units: np.ndarray, omega: int) -> np.ndarray:
@@ -50,6 +56,19 @@ def seamless(vocoder, units: np.ndarray, omega: int) -> np.ndarray:
     return np.concatenate(pieces)
 
 
+def render(variant: str, vocoder, source: np.ndarray, units: np.ndarray,
+           durations: np.ndarray) -> np.ndarray:
+    """The audio of one variant (see VARIANTS) of a sentence."""
+    if variant == "source":
+        return source
+    if variant == "whole":
+        return vocoder.vocode(units)
+    if variant == "whole_true_durations":
+        return vocoder.vocode(units, durations)
+    kind, omega = variant.rstrip("0123456789"), int(variant.lstrip("abcdefghijklmnopqrstuvwxyz"))
+    return chunked(vocoder, units, omega) if kind == "omega" else seamless(vocoder, units, omega)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", type=Path, default=Path("runs/voice/corpus"))
@@ -58,16 +77,24 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="held-out sentences to score")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-wavs", type=Path, default=None, help="write the outputs here")
+    parser.add_argument("--split", choices=("test", "dev"), default="test",
+                        help="held-out sentences: dev for choices, test for the reported numbers")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)}")
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     started = time.monotonic()
 
-    test = read_manifest(args.corpus, "test")[:args.n]
+    test = read_manifest(args.corpus, args.split)[:args.n]
+    if not test:
+        raise SystemExit(f"{args.corpus}: no {args.split} sentences")
     extractor = UnitExtractor.load(args.units_model)
     vocoder = load_vocoder(args.vocoder)
     asr = Transcriber(threads=args.threads)
-    variants = ["source", "whole", "whole_true_durations"]
-    variants += [f"{kind}{o}" for kind in ("omega", "seamless") for o in OMEGAS]
     hyps: dict[str, list[str]] = {v: [] for v in variants}
     mos: dict[str, list[dict]] = {v: [] for v in variants}
     counts = np.zeros(extractor.config.num_units)
@@ -77,11 +104,8 @@ def main() -> None:
         units, durations = extractor(source)
         np.add.at(counts, units, 1)
         n_units, seconds = n_units + len(units), seconds + len(source) / 16000
-        waves = {"source": source, "whole": vocoder.vocode(units),
-                 "whole_true_durations": vocoder.vocode(units, durations)}
-        waves |= {f"omega{o}": chunked(vocoder, units, o) for o in OMEGAS}
-        waves |= {f"seamless{o}": seamless(vocoder, units, o) for o in OMEGAS}
-        for name, wave in waves.items():
+        for name in variants:
+            wave = render(name, vocoder, source, units, durations)
             hyps[name].append(asr(wave))
             mos[name].append(dnsmos(wave))
             if args.save_wavs:
@@ -90,7 +114,7 @@ def main() -> None:
     texts = [u.text for u in test]
     probs = counts[counts > 0] / counts.sum()
     result = dict(
-        sentences=len(test),
+        sentences=len(test), split=args.split,
         units_model=str(args.units_model), vocoder=str(args.vocoder),
         wer={v: round(corpus_wer(texts, hyps[v]), 2) for v in variants},
         dnsmos={v: {k: round(float(np.mean([m[k] for m in mos[v]])), 3) for k in mos[v][0]}
