@@ -165,6 +165,7 @@ def test_chat_validates_its_options(saved):
     for args, hint in [
         (["--chunk-size", "zero"], "'inf'"),
         (["--top-p", "0"], "top_p"),
+        (["--repetition-penalty", "0.5"], "repetition_penalty"),
         (["--max-new-tokens", "0"], ">= 1"),
         ([], None),
     ]:

@@ -98,6 +98,8 @@ def test_three_items_end_to_end(tiny_model, tmp_path):
     (["--chunk-sizes", "10,0"], "positive integers or 'inf'"),
     (["--baseline", "pipeline"], "only baseline is 'cascade'"),
     (["--dtype", "int4"], "choose one of"),
+    (["--repetition-penalty", "0.5"], "repetition_penalty must be >= 1"),
+    (["--tasks", "s2t,t2t"], "choose from"),
 ])
 def test_bad_options_are_refused_before_loading(args, message, tmp_path):
     result = CliRunner().invoke(app, ["eval", str(tmp_path), *args])

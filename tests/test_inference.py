@@ -16,7 +16,12 @@ from inference_fixtures import (  # noqa: F401 (fixtures)
 
 from llama_omni.audio import AudioError
 from llama_omni.inference.events import AudioChunk, End, TextDelta, Units, collect
-from llama_omni.inference.sampling import SamplingOptions, TokenSelector, top_p_filter
+from llama_omni.inference.sampling import (
+    SamplingOptions,
+    TokenSelector,
+    penalize_repeats,
+    top_p_filter,
+)
 from llama_omni.inference.session import Conversation, prompt_length
 from llama_omni.model.omni import OmniModel
 from llama_omni.model.prompt import Turn
@@ -137,6 +142,40 @@ def test_top_p_filter_and_selector_validation():
     with pytest.raises(ValueError, match="top_p"):
         SamplingOptions(top_p=0)
     assert TokenSelector(SamplingOptions(), 1, "cpu")(logits).tolist() == [0]
+    for bad in (0.5, float("nan")):
+        with pytest.raises(ValueError, match="repetition_penalty"):
+            SamplingOptions(repetition_penalty=bad)
+
+
+def test_repetition_penalty_lowers_the_tokens_a_row_already_produced():
+    logits = torch.tensor([[2.0, 1.5, -1.0, -3.0]])
+    seen = torch.tensor([[True, False, True, False]])
+    assert penalize_repeats(logits, seen, 2.0).tolist() == [[1.0, 1.5, -2.0, -3.0]]
+    select = TokenSelector(SamplingOptions(repetition_penalty=2.0), 2, "cpu")
+    rows = torch.tensor([[2.0, 1.5, 0.5, 0.1], [0.1, 0.2, 3.0, 2.0]])
+    assert select(rows).tolist() == [0, 2]
+    assert select(rows).tolist() == [1, 3]  # 2.0 / 2 < 1.5 and 3.0 / 2 < 2.0
+    assert select(rows).tolist() == [0, 2]  # once per token, not compounded: 1.0 > 0.75
+    plain = TokenSelector(SamplingOptions(), 2, "cpu")
+    assert [plain(rows).tolist() for _ in range(3)] == [[0, 2]] * 3
+
+
+def test_the_engine_applies_the_repetition_penalty_at_every_step(tiny_model):
+    # An LM head that ignores the state and always ranks token 0 first, then 1, 2, ...:
+    # greedy decoding repeats token 0; with the penalty each step takes the next token.
+    vocab = tiny_model.llm.model.lm_head.out_features
+    head = torch.nn.Linear(tiny_model.llm.model.lm_head.in_features, vocab, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.copy_(5.0 - 0.01 * torch.arange(vocab))
+    tiny_model.llm.model.lm_head = head
+    audio = tone(1.0, 220)
+    plain = engine(tiny_model, speech=False, max_new_tokens=10).answer([audio])
+    assert plain[0].token_ids == [0] * 10
+    options = SamplingOptions(repetition_penalty=2.0)  # 5.0 / 2 falls below 4.99 - 0.01 k
+    penalized = engine(tiny_model, sampling=options, speech=False, max_new_tokens=10)
+    answers = penalized.answer([audio, tone(0.5, 500)])
+    assert [a.token_ids for a in answers] == [list(range(10))] * 2
 
 
 def test_events_are_typed_ordered_and_stamped(tiny_omni, tiny_vocoder):

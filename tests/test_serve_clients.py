@@ -72,7 +72,7 @@ def test_gradio_client_drives_a_full_turn(serve_model, serve_vocoder, monkeypatc
         demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
         client = Client(demo.local_url, verbose=False, download_files=str(tmp_path))
         text, units, speech_file, latency = client.predict(
-            handle_file(str(EXAMPLES / "tea.flac")), 0.0, 0.7, 12, 5, api_name="/respond"
+            handle_file(str(EXAMPLES / "tea.flac")), 0.0, 0.7, 1.2, 12, 5, api_name="/respond"
         )
     finally:
         demo.close()

@@ -91,11 +91,17 @@ def test_text_only_session_sends_no_audio(client):
         ws.send_json(
             {
                 "type": "session.update",
-                "session": {"output_modalities": ["text"], "max_output_tokens": 5},
+                "session": {
+                    "output_modalities": ["text"],
+                    "max_output_tokens": 5,
+                    "repetition_penalty": 1.3,
+                },
             }
         )
-        ws.receive_json()
+        updated = ws.receive_json()
         events = ask(ws, tone())
+    assert updated["type"] == "session.updated"
+    assert updated["session"]["repetition_penalty"] == 1.3
     assert not [
         e
         for e in events

@@ -48,6 +48,9 @@ def chat(
     top_p: Annotated[
         float, typer.Option(help="Nucleus sampling mass (with temperature > 0).")
     ] = 0.7,
+    repetition_penalty: Annotated[
+        float, typer.Option(help="> 1 makes tokens the answer already holds less likely; 1 = off.")
+    ] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 512,
     as_json: Annotated[
         bool,
@@ -72,7 +75,10 @@ def chat(
     if (audio is None) != interactive:
         raise typer.BadParameter("give AUDIO, or --interactive without AUDIO", param_hint="AUDIO")
     options = EngineOptions(
-        sampling=_checked(lambda: SamplingOptions(temperature, top_p), "--temperature/--top-p"),
+        sampling=_checked(
+            lambda: SamplingOptions(temperature, top_p, repetition_penalty=repetition_penalty),
+            "--temperature/--top-p/--repetition-penalty",
+        ),
         max_new_tokens=_checked(lambda: _positive(max_new_tokens), "--max-new-tokens"),
         chunk_size=_checked(lambda: _omega(chunk_size), "--chunk-size"),
         # One answer is over before a speech child process would be up: keep it in-process.

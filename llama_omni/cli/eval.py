@@ -43,6 +43,9 @@ def evaluate(
         help="Where to write report.md, summary.json and the plot; default OUT/report.")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N items only.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 512,
+    repetition_penalty: Annotated[float, typer.Option(
+        help="> 1 makes tokens an answer already holds less likely (model and cascade); "
+             "1 = off, the paper's greedy decoding.")] = 1.0,
     asr_model: Annotated[Path | None, typer.Option(
         help="CTranslate2 Whisper directory for ASR scoring; default the packaged base.")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch and the scorers.")] = 2,
@@ -60,13 +63,16 @@ def evaluate(
         raise typer.BadParameter("the only baseline is 'cascade'", param_hint="--baseline")
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"choose one of {DTYPES}", param_hint="--dtype")
-    options = EvalOptions(
-        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
-        chunk_sizes=tuple(_omega(c) for c in chunk_sizes.split(",") if c.strip()),
-        max_new_tokens=max_new_tokens, baseline=baseline == "cascade",
-        judge_url=judge, judge_model=judge_model,
-        asr_model=str(asr_model) if asr_model else None, threads=threads, device=device,
-    )
+    omegas = tuple(_omega(c) for c in chunk_sizes.split(",") if c.strip())
+    try:
+        options = EvalOptions(
+            tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), chunk_sizes=omegas,
+            max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+            baseline=baseline == "cascade", judge_url=judge, judge_model=judge_model,
+            asr_model=str(asr_model) if asr_model else None, threads=threads, device=device,
+        )
+    except ValueError as err:  # a setting out of range: refused before anything loads
+        raise typer.BadParameter(str(err)) from None
     set_threads(threads)
     set_name, items = load_set(eval_set, limit)
     model, voice, model_label, voice_label = _load(checkpoint, vocoder, device, dtype)
@@ -82,6 +88,7 @@ def evaluate(
         "cascade": (f"ASR -> {cascade_llm or 'its own LLM'} -> TTS {options.cascade_voice}, "
                     "spoken sentence by sentence") if options.baseline else "not run",
         "max_new_tokens": max_new_tokens, "device": f"{device} ({threads} threads)",
+        "repetition_penalty": repetition_penalty,
     }
     cascade_model = with_llm(model, cascade_llm) if cascade_llm and options.baseline else None
     evaluator = Evaluator(model, voice, options, out, run_info, cascade_model)

@@ -37,6 +37,7 @@ from llama_omni.eval.metrics import ASR, UTMOS, SentenceEmbedder, StreamTimes, d
 from llama_omni.eval.sets import EVAL_VOICES, EvalItem, speak
 from llama_omni.inference.engine import Engine, EngineOptions
 from llama_omni.inference.events import Answer, Event, collect
+from llama_omni.inference.sampling import SamplingOptions
 from llama_omni.model.omni import OmniModel
 from llama_omni.model.vocoder import UnitVocoder, atomic_path
 
@@ -59,6 +60,7 @@ class EvalOptions:
     tasks: tuple[str, ...] = TASKS
     chunk_sizes: tuple[int | None, ...] = (10, 40, None)
     max_new_tokens: int = 512
+    repetition_penalty: float = 1.0  # answers of the model and the cascade's LLM alike
     baseline: bool = False
     voices: tuple[str, ...] = EVAL_VOICES
     cascade_voice: str = RESPONSE_VOICE
@@ -77,6 +79,11 @@ class EvalOptions:
         require(all(o is None or o >= 1 for o in self.chunk_sizes),
                 f"chunk sizes must be >= 1 or inf, got {self.chunk_sizes}")
         require(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
+        self.sampling()  # validates repetition_penalty
+
+    def sampling(self) -> SamplingOptions:
+        """Greedy decoding (the paper's), with the repetition penalty if one is set."""
+        return SamplingOptions(repetition_penalty=self.repetition_penalty)
 
     @property
     def reference_omega(self) -> int | None:
@@ -88,6 +95,7 @@ class EvalOptions:
     def fingerprint(self) -> dict[str, Any]:
         """Settings that change per-item results: a cache made with others is not reused."""
         return {"max_new_tokens": self.max_new_tokens, "voices": list(self.voices),
+                "repetition_penalty": self.repetition_penalty,
                 "cascade_voice": self.cascade_voice, "asr_model": self.asr_model,
                 "seed": self.seed, "judge_model": self.judge_model}
 
@@ -208,7 +216,7 @@ class Evaluator:
 
     def _engine_options(self, speech: bool, omega: int | None = None) -> EngineOptions:
         return EngineOptions(max_new_tokens=self.options.max_new_tokens, speech=speech,
-                             chunk_size=omega)
+                             chunk_size=omega, sampling=self.options.sampling())
 
     def _engine(self, speech: bool, omega: int | None = None) -> Engine:
         return Engine(self.model, self.vocoder if speech else None,

@@ -3,7 +3,9 @@
 `TokenSelector` turns the last logits of a batch into one token per row. Greedy is the
 reproducible default (the paper evaluates with it); sampling applies a temperature and a
 nucleus (top-p) filter and draws with one seeded generator per request, so a request
-samples the same tokens alone or inside a batch.
+samples the same tokens alone or inside a batch. An optional repetition penalty (as in
+CTRL) makes the tokens a row has already produced less likely, greedy or sampled: small
+backbones otherwise tend to repeat a phrase until the token limit.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from llama_omni.configbase import require
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """temperature 0 means greedy; top_p 1 disables the nucleus filter."""
+    """temperature 0 means greedy; top_p 1 disables the nucleus filter; repetition_penalty
+    1 disables the penalty on tokens the answer already holds."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         require(
@@ -31,6 +35,10 @@ class SamplingOptions:
         )
         require(0 < self.top_p <= 1, f"top_p must lie in (0, 1], got {self.top_p}")
         require(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
+        require(
+            math.isfinite(self.repetition_penalty) and self.repetition_penalty >= 1,
+            f"repetition_penalty must be >= 1 (1 = off), got {self.repetition_penalty}",
+        )
 
     @property
     def greedy(self) -> bool:
@@ -40,6 +48,14 @@ class SamplingOptions:
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """[B, V] logits scaled by 1 / temperature, in float32."""
     return logits.float() / temperature
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """[B, V] logits with the `seen` [B, V] tokens made less likely: positive logits divided
+    by `penalty`, negative ones multiplied by it (CTRL's rule), in float32."""
+    logits = logits.float()
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -62,6 +78,7 @@ class TokenSelector:
 
     def __init__(self, options: SamplingOptions, batch_size: int, device: torch.device | str):
         self.options = options
+        self.seen: torch.Tensor | None = None  # [B, V] tokens each row produced, if penalized
         self.generators: list[torch.Generator] = []
         if not options.greedy:
             for _ in range(batch_size):
@@ -71,6 +88,18 @@ class TokenSelector:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, V] logits -> [B] token ids (long)."""
+        if self.options.repetition_penalty == 1:
+            return self._choose(logits)
+        if self.seen is None:
+            self.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        if self.seen.shape != logits.shape:
+            raise ValueError(f"the selector saw logits of shape {tuple(self.seen.shape)}, "
+                             f"now {tuple(logits.shape)}")
+        tokens = self._choose(penalize_repeats(logits, self.seen, self.options.repetition_penalty))
+        self.seen.scatter_(1, tokens[:, None], True)
+        return tokens
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         if self.options.greedy:
             return logits.argmax(dim=-1)
         if logits.shape[0] != len(self.generators):

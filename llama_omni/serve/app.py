@@ -189,13 +189,15 @@ def create_app(
         request: Request,
         temperature: float = 0.0,
         top_p: float = 0.7,
+        repetition_penalty: float = 1.0,
         max_new_tokens: int = 512,
         chunk_size: str = "40",
         sample_rate: int = 16000,
         audio: bool = True,
     ):
         """Answer one uploaded question; the body streams back as NDJSON event lines."""
-        options = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+        options = {"temperature": temperature, "top_p": top_p,
+                   "repetition_penalty": repetition_penalty, "max_new_tokens": max_new_tokens}
         return denied(request) or await answer_upload(
             server, request, chunk_size, sample_rate, audio, **options
         )

@@ -71,7 +71,8 @@ def _ms_since(t: float) -> float:
 def build_demo(scheduler: Scheduler, limits: ServerLimits, title: str = "LLaMA-Omni"):
     import gradio as gr
 
-    def respond(audio_path, temperature, top_p, max_new_tokens, chunk_size, history):
+    def respond(audio_path, temperature, top_p, repetition_penalty, max_new_tokens, chunk_size,
+                history):
         history = history or History(limits.max_history)
         if not audio_path:
             raise gr.Error("Record or upload a question first.")
@@ -84,6 +85,7 @@ def build_demo(scheduler: Scheduler, limits: ServerLimits, title: str = "LLaMA-O
             settings = SessionSettings(
                 temperature=float(temperature),
                 top_p=float(top_p),
+                repetition_penalty=float(repetition_penalty),
                 max_new_tokens=min(int(max_new_tokens), limits.max_new_tokens),
                 chunk_size=int(chunk_size),
             )
@@ -103,6 +105,9 @@ def build_demo(scheduler: Scheduler, limits: ServerLimits, title: str = "LLaMA-O
                     0, 1, value=0.0, step=0.05, label="Temperature (0 = greedy)"
                 )
                 top_p = gr.Slider(0.05, 1, value=0.7, step=0.05, label="Top-p")
+                repetition_penalty = gr.Slider(
+                    1, 2, value=1.0, step=0.05, label="Repetition penalty (1 = off)"
+                )
                 max_new_tokens = gr.Slider(
                     1,
                     limits.max_new_tokens,
@@ -128,7 +133,7 @@ def build_demo(scheduler: Scheduler, limits: ServerLimits, title: str = "LLaMA-O
             gr.Examples([[str(path)] for path in examples], inputs=[question])
         submit.click(
             respond,
-            [question, temperature, top_p, max_new_tokens, chunk_size, history],
+            [question, temperature, top_p, repetition_penalty, max_new_tokens, chunk_size, history],
             [text, units, speech, latency, history],
             api_name="respond",
         )

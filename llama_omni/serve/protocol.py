@@ -10,8 +10,8 @@ response.done (with latency figures) and error.
 
 Sessions take the Realtime session object's fields that make sense for this model
 (output_modalities, max_output_tokens, audio.input/output.format.rate,
-audio.input.turn_detection) plus three of ours at its top level: temperature, top_p
-and chunk_size (Omega, or "inf"). Other Realtime fields (voice, instructions, tools,
+audio.input.turn_detection) plus four of ours at its top level: temperature, top_p,
+repetition_penalty and chunk_size (Omega, or "inf"). Other Realtime fields (voice, instructions, tools,
 ...) are accepted and ignored.
 """
 
@@ -103,9 +103,9 @@ def session_changes(session: Any, current: SessionSettings) -> SessionSettings:
     if not isinstance(session, dict):
         raise ProtocolError('session.update needs a "session" object', param="session")
     changes: dict[str, Any] = {}
-    for field, param in (("temperature", "temperature"), ("top_p", "top_p")):
+    for param in ("temperature", "top_p", "repetition_penalty"):
         if session.get(param) is not None:
-            changes[field] = _number(session[param], f"session.{param}")
+            changes[param] = _number(session[param], f"session.{param}")
     if "chunk_size" in session:
         omega = session["chunk_size"]
         changes["chunk_size"] = (
@@ -195,6 +195,7 @@ def session_object(session_id: str, settings: SessionSettings) -> dict[str, Any]
         "max_output_tokens": settings.max_new_tokens,
         "temperature": settings.temperature,
         "top_p": settings.top_p,
+        "repetition_penalty": settings.repetition_penalty,
         "chunk_size": "inf" if settings.chunk_size is None else settings.chunk_size,
         "audio": {
             "input": {

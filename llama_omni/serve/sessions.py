@@ -77,6 +77,7 @@ class SessionSettings:
     output_rate: int = SAMPLE_RATE
     temperature: float = 0.0
     top_p: float = 0.7
+    repetition_penalty: float = 1.0
     max_new_tokens: int = 512
     chunk_size: int | None = 40  # Omega; None vocodes once at the end
     audio: bool = True  # False: text (and no speech decoding)
@@ -86,11 +87,13 @@ class SessionSettings:
         for name in ("input_rate", "output_rate"):
             rate = getattr(self, name)
             require(rate in STREAM_RATES, f"{name} {rate} Hz: choose one of {STREAM_RATES}")
-        self.engine_options()  # validates temperature, top_p, max_new_tokens, chunk_size
+        self.engine_options()  # validates the sampling options, max_new_tokens, chunk_size
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
-            sampling=SamplingOptions(self.temperature, self.top_p),
+            sampling=SamplingOptions(
+                self.temperature, self.top_p, repetition_penalty=self.repetition_penalty
+            ),
             max_new_tokens=self.max_new_tokens,
             chunk_size=self.chunk_size,
             speech=self.audio,
