@@ -176,3 +176,17 @@ def test_discriminator_periods_are_configurable_and_checked_on_resume(corpus, tm
     with pytest.raises(typer.BadParameter, match="comma-separated"):
         vocoder_train(corpus=corpus, units=corpus / "units.npz", run_dir=tmp_path / "bad",
                       num_units=32, preset="tiny-istft-test", disc_periods="2;16", samples=0)
+
+
+def test_loss_weights_are_validated_and_reach_the_trainer(corpus, tmp_path):
+    from llama_omni.cli.vocoder import vocoder_train
+
+    vocoder_train(corpus=corpus, units=corpus / "units.npz", run_dir=tmp_path / "run",
+                  num_units=32, preset="tiny-istft-test", steps=1, batch_size=2,
+                  segment_frames=8, disc_width=0.0625, mel_weight=15.0,
+                  checkpoint_every=1, samples=0)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert VocoderTrainConfig.from_dict(state["config"]).mel_weight == 15.0
+    for name, bad in (("mel_weight", -1.0), ("fm_weight", float("nan")), ("dur_weight", "1")):
+        with pytest.raises(ValueError, match=name):
+            VocoderTrainConfig(vocoder=VocoderConfig.preset("tiny-istft-test"), **{name: bad})

@@ -54,6 +54,10 @@ def vocoder_train(
              "iSTFT head's hop) to penalize frame-rate tones.")] = "2,3,5,7,11",
     gan_start_step: Annotated[int, typer.Option(
         help="Train with mel + duration losses only until this step.")] = 0,
+    mel_weight: Annotated[float, typer.Option(
+        help="Weight of the mel L1 loss (HiFi-GAN: 45). Units carry little pitch, and a "
+             "lower weight leaves more to the adversarial losses, which reward clean "
+             "harmonics over the mel loss's pitch-averaged spectra.")] = 45.0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
     samples: Annotated[int, typer.Option(help="Dev utterances vocoded at checkpoints.")] = 2,
     init_generator: Annotated[Path | None, typer.Option(
@@ -83,7 +87,8 @@ def vocoder_train(
     torch.set_num_threads(threads)
     config = VocoderTrainConfig(
         vocoder=VocoderConfig.preset(preset).replace(num_units=num_units),
-        disc_width=disc_width, disc_periods=periods, gan_start_step=gan_start_step, steps=steps, batch_size=batch_size,
+        disc_width=disc_width, disc_periods=periods, gan_start_step=gan_start_step,
+        mel_weight=mel_weight, steps=steps, batch_size=batch_size,
         segment_frames=segment_frames, checkpoint_every=checkpoint_every, seed=seed,
         threads=threads)
     data = VocoderData(corpus, units, "train", hop=config.vocoder.hop_length)

@@ -79,6 +79,10 @@ class VocoderTrainConfig(ConfigBase):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0,
                     f"VocoderTrainConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("mel_weight", "fm_weight", "dur_weight"):
+            value = getattr(self, name)
+            require(isinstance(value, (int, float)) and value >= 0 and math.isfinite(value),
+                    f"VocoderTrainConfig.{name} must be a finite number >= 0, got {value!r}")
         require(self.vocoder.has_duration_predictor,
                 "VocoderTrainConfig: the vocoder needs a duration predictor")
 
