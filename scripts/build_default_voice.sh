@@ -5,7 +5,7 @@
 #
 #   nohup nice -n 10 bash scripts/build_default_voice.sh > runs/voice/build.log 2>&1 &
 #
-# Environment: RUN (work dir, default runs/voice), LAYER, K, STEPS, GAN_START,
+# Environment: RUN (work dir, default runs/voice), PRESET (vocoder size, default istft-256), LAYER, K, STEPS, GAN_START,
 # DISC_WIDTH, DISC_PERIODS (e.g. 2,3,5,7,11,16), CKPT_EVERY, THREADS, INIT_GENERATOR (a new run starts from this saved
 # vocoder, e.g. the shipped one when its run directory is gone), and
 # UNITS_DIR / VOCODER_DIR (where the shippable units model and vocoder are written).
@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 RUN="${RUN:-runs/voice}"
 LAYER="${LAYER:-4}"
 K="${K:-500}"
+PRESET="${PRESET:-istft-256}"
 STEPS="${STEPS:-20000}"
 THREADS="${THREADS:-1}"
 GAN_START="${GAN_START:-3000}"
@@ -43,6 +44,6 @@ fi
 
 echo "== 4/4 vocoder training (resumes from $RUN/vocoder/last.pt)"
 "$PY" -m llama_omni.cli.vocoder train --corpus "$RUN/corpus" --units "$RUN/units.npz" \
-  --run-dir "$RUN/vocoder" --num-units "$K" --export-dir "$VOCODER_DIR" --steps "$STEPS" \
+  --run-dir "$RUN/vocoder" --num-units "$K" --preset "$PRESET" --export-dir "$VOCODER_DIR" --steps "$STEPS" \
   --gan-start-step "$GAN_START" --disc-width "$DISC_WIDTH" --disc-periods "$DISC_PERIODS" --checkpoint-every "$CKPT_EVERY" \
   --threads "$THREADS" ${INIT_GENERATOR:+--init-generator "$INIT_GENERATOR"}

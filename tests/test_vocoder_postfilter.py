@@ -67,3 +67,12 @@ def test_streamed_vocoding_with_the_notch_equals_whole_vocoding():
         parts = [stream.push(0, units[i:i + 10]) for i in range(0, len(units), 10)]
         parts.append(stream.push(0, [], final=True))
     np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
+
+
+def test_hop4_preset_keeps_20ms_unit_frames_and_notches_its_4khz_tone():
+    config = VocoderConfig.preset("istft-hop4")
+    assert config.hop_length == 320  # one unit frame = 20 ms at 16 kHz, like istft-256
+    vocoder = UnitVocoder(config.replace(num_units=20)).eval()
+    wave = vocoder.vocode(np.arange(5), np.full(5, 2))
+    assert wave.shape == (10 * 320,)
+    assert len(vocoder.make_postfilter().sos) == 1  # 4 kHz only (8 kHz is the Nyquist frequency)
