@@ -160,6 +160,15 @@ class VocoderConfig(ConfigBase):
         return cls(**fields)
 
 
+_ISTFT_256: dict[str, Any] = dict(
+    upsample_rates=(5, 4),
+    upsample_kernel_sizes=(11, 8),
+    upsample_initial_channel=256,
+    istft_n_fft=64,
+    istft_hop=16,
+    hop_notch_width=250.0,  # chosen by DNSMOS on the voice corpus's dev sentences
+)
+
 _PRESETS: dict[str, dict[str, Any]] = {
     "codehifigan-1000": {},
     "tiny-test": dict(
@@ -170,24 +179,15 @@ _PRESETS: dict[str, dict[str, Any]] = {
         resblock_dilation_sizes=((1, 3), (1, 3)),
         dur_hidden=16,
     ),
-    "istft-256": dict(
-        upsample_rates=(5, 4),
-        upsample_kernel_sizes=(11, 8),
-        upsample_initial_channel=256,
-        istft_n_fft=64,
-        istft_hop=16,
-        hop_notch_width=250.0,  # chosen by DNSMOS on the voice corpus's dev sentences
-    ),
-    # a third upsampling layer and a 4-sample iSTFT hop: the last convolution runs at 4 kHz
-    # instead of 1 kHz, room for the voice's harmonics (see vocoder-hibari's model card);
-    # same GAN step cost on CPU as istft-256, not trained yet
-    "istft-hop4": dict(
+    "istft-256": _ISTFT_256,
+    # istft-256 with a third upsampling layer and a 4-sample iSTFT hop: the last convolution
+    # runs at 4 kHz instead of 1 kHz, room for the voice's harmonics (see vocoder-hibari's
+    # model card); same GAN step cost on CPU, not trained yet; the notch moves to 4 kHz
+    "istft-hop4": _ISTFT_256 | dict(
         upsample_rates=(5, 4, 4),
         upsample_kernel_sizes=(11, 8, 8),
-        upsample_initial_channel=256,
         istft_n_fft=16,
         istft_hop=4,
-        hop_notch_width=250.0,  # its frame-rate tone sits at 4 kHz
     ),
     "tiny-istft-test": dict(
         num_units=32,
