@@ -36,3 +36,13 @@ def test_bad_config_is_a_clear_error(tmp_path):
     bad.write_text("out: x\ntypo_field: 1\n")
     with pytest.raises(ValueError, match="unknown field"):
         DataConfig.load(bad)
+
+
+def test_build_steps_option_orders_and_checks_names(tmp_path):
+    from llama_omni.cli.data import parse_steps
+
+    assert parse_steps("synthesize, rewrite,respond") == ("rewrite", "respond", "synthesize")
+    result = CliRunner().invoke(data_app, ["build", str(CONFIGS[0]), "--steps", "rewrite,tts",
+                                           "--out", str(tmp_path / "d")])
+    assert result.exit_code != 0 and "tts" in result.output and "synthesize" in result.output
+    assert not (tmp_path / "d").exists()

@@ -20,6 +20,19 @@ WorkersOpt = Annotated[int | None, typer.Option(
     help="Worker processes for speech synthesis (default: synthesize.workers).")]
 RetryOpt = Annotated[bool, typer.Option(help="Give failed items another try.")]
 OutOpt = Annotated[Path | None, typer.Option(help="Override the config's output directory.")]
+StepsOpt = Annotated[str, typer.Option(
+    help="Comma-separated steps to run, in pipeline order (e.g. rewrite,respond,synthesize: "
+         "stage-1 data, no units).")]
+
+
+def parse_steps(text: str) -> tuple[str, ...]:
+    """'rewrite,respond' -> the named steps in pipeline order; unknown names are an error."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STEPS]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown or no step(s) {unknown or text!r}; "
+                                 f"choose from {','.join(STEPS)}", param_hint="--steps")
+    return tuple(step for step in STEPS if step in names)
 
 
 def _run(config_path: Path, steps: tuple[str, ...], shard: str | None, workers: int | None,
@@ -39,9 +52,11 @@ def _run(config_path: Path, steps: tuple[str, ...], shard: str | None, workers: 
 
 @data_app.command("build")
 def data_build(config: ConfigArg, shard: ShardOpt = None, workers: WorkersOpt = None,
-               retry_failed: RetryOpt = False, out: OutOpt = None) -> None:
-    """Run every step (rewrite, respond, synthesize, units); resumes where a run stopped."""
-    _run(config, STEPS, shard, workers, retry_failed, out)
+               retry_failed: RetryOpt = False, out: OutOpt = None,
+               steps: StepsOpt = ",".join(STEPS)) -> None:
+    """Run the steps (all by default: rewrite, respond, synthesize, units) wave by wave;
+    resumes where a run stopped."""
+    _run(config, parse_steps(steps), shard, workers, retry_failed, out)
 
 
 @data_app.command("rewrite")
