@@ -3,8 +3,8 @@
 # stage-1 data without units, the "repeat / answer" task mix, adaptor pre-alignment, then
 # stage 1 on the mix with the adaptor alone (the LLM and its shipped LoRA frozen, so the
 # shipped speech decoder still reads the same states), and the candidate model assembled
-# with the shipped speech decoder. Every step resumes or skips finished work: after a kill,
-# run it again. About 3 h on 2 cores (data ~1.5 h: every instruction of the config, about
+# with the shipped speech decoder. The long steps resume from their checkpoints and the
+# short ones are redone: after a kill, run it again. About 3 h on 2 cores (data ~1.5 h: every instruction of the config, about
 # 3,600 answered; align 30 min; stage 1 50 min). Our shipped run stopped the data at 1,933.
 #
 #   nohup bash scripts/build_default_stage1.sh > runs/stage1-build.log 2>&1 &
@@ -18,35 +18,43 @@ STEPS="${STEPS:-300}"
 THREADS="${THREADS:-2}"
 BIN=.venv/bin
 DATA=runs/data/sharegpt-default
+MIX_TRAIN=runs/data/mixed-train.json
+MIX_HELDOUT=runs/data/mixed-heldout.json
+ALIGN=runs/small-cpu/align
+STAGE1=runs/small-cpu/stage1-mixed-ad
+CANDIDATE=runs/candidate/default-model
 export OMP_NUM_THREADS=1
 
 echo "== 1/5 data (rewrite, respond, synthesize; two shards side by side)"
+pids=()
 for shard in 0 1; do
   "$BIN/llama-omni" data build configs/data/sharegpt-default.yaml \
     --steps rewrite,respond,synthesize --shard "$shard/2" &
+  pids+=("$!")
 done
-wait
+for pid in "${pids[@]}"; do wait "$pid"; done   # a failed shard stops the script
 
 echo "== 2/5 task mix (each item as 'repeat the question' and as 'answer it')"
 "$BIN/python" scripts/repeat_task.py --data "$DATA" --mix-answers \
-  --out runs/data/mixed-train.json --heldout-out runs/data/mixed-heldout.json
+  --out "$MIX_TRAIN" --heldout-out "$MIX_HELDOUT"
 
 export OMP_NUM_THREADS="$THREADS"
 echo "== 3/5 adaptor pre-alignment from the shipped model"
 "$BIN/llama-omni" train align configs/train/small-cpu-align.yaml --data "$DATA" \
-  --checkpoint llama_omni/weights/default-model --output-dir runs/small-cpu/align --max-steps 200
+  --checkpoint llama_omni/weights/default-model --output-dir "$ALIGN" --max-steps 200
 
 echo "== 4/5 stage 1, adaptor only, on the mix"
 "$BIN/llama-omni" train stage1 configs/train/small-cpu-stage1.yaml \
-  --data runs/data/mixed-train.json --set data.eval=runs/data/mixed-heldout.json \
-  --checkpoint runs/small-cpu/align/final --tuning adaptor --lr 1e-3 --precision bf16 \
-  --output-dir runs/small-cpu/stage1-mixed-ad --max-steps "$STEPS" \
+  --data "$MIX_TRAIN" --set data.eval="$MIX_HELDOUT" \
+  --checkpoint "$ALIGN/final" --tuning adaptor --lr 1e-3 --precision bf16 \
+  --output-dir "$STAGE1" --max-steps "$STEPS" \
   --set eval_every=40 --set save_every=10
 
 echo "== 5/5 candidate: this adaptor + the shipped LoRA and speech decoder"
-"$BIN/python" scripts/build_default_model.py --stage1-model runs/small-cpu/stage1-mixed-ad/final \
-  --stage2 llama_omni/weights/default-model --out runs/candidate/default-model
-ln -sfn "$PWD/llama_omni/weights/vocoder-hibari" runs/candidate/vocoder-hibari
-"$BIN/llama-omni" train heldout configs/train/small-cpu-stage1.yaml runs/candidate/default-model \
-  --set data.train=runs/data/mixed-train.json --set data.eval=runs/data/mixed-heldout.json \
-  --no-answers --items 30 --out runs/candidate/heldout.json
+"$BIN/python" scripts/build_default_model.py --stage1-model "$STAGE1/final" \
+  --stage2 llama_omni/weights/default-model --out "$CANDIDATE"
+# the candidate's config names its vocoder as ../vocoder-hibari, as the shipped model does
+ln -sfn "$PWD/llama_omni/weights/vocoder-hibari" "$(dirname "$CANDIDATE")/vocoder-hibari"
+"$BIN/llama-omni" train heldout configs/train/small-cpu-stage1.yaml "$CANDIDATE" \
+  --set data.train="$MIX_TRAIN" --set data.eval="$MIX_HELDOUT" \
+  --no-answers --items 30 --out "$(dirname "$CANDIDATE")/heldout.json"
