@@ -7,7 +7,8 @@
 #
 # Environment: RUN (work dir, default runs/voice), PRESET (vocoder size, default istft-256), LAYER, K, STEPS, GAN_START,
 # DISC_WIDTH, DISC_PERIODS (e.g. 2,3,5,7,11,16), CKPT_EVERY, THREADS, INIT_GENERATOR (a new run starts from this saved
-# vocoder, e.g. the shipped one when its run directory is gone), and
+# vocoder, e.g. the shipped one when its run directory is gone), INIT_MATCHING=1 (warm start of another preset from
+# INIT_GENERATOR: only tensors whose names and shapes match are copied), and
 # UNITS_DIR / VOCODER_DIR (where the shippable units model and vocoder are written).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,7 @@ DISC_WIDTH="${DISC_WIDTH:-0.125}"
 DISC_PERIODS="${DISC_PERIODS:-2,3,5,7,11}"
 CKPT_EVERY="${CKPT_EVERY:-300}"
 INIT_GENERATOR="${INIT_GENERATOR:-}"
+INIT_MATCHING="${INIT_MATCHING:-}"
 UNITS_DIR="${UNITS_DIR:-llama_omni/weights/units-whisper-base}"
 VOCODER_DIR="${VOCODER_DIR:-llama_omni/weights/vocoder-hibari}"
 PY="${PYTHON:-.venv/bin/python}"
@@ -46,4 +48,4 @@ echo "== 4/4 vocoder training (resumes from $RUN/vocoder/last.pt)"
 "$PY" -m llama_omni.cli.vocoder train --corpus "$RUN/corpus" --units "$RUN/units.npz" \
   --run-dir "$RUN/vocoder" --num-units "$K" --preset "$PRESET" --export-dir "$VOCODER_DIR" --steps "$STEPS" \
   --gan-start-step "$GAN_START" --disc-width "$DISC_WIDTH" --disc-periods "$DISC_PERIODS" --checkpoint-every "$CKPT_EVERY" \
-  --threads "$THREADS" ${INIT_GENERATOR:+--init-generator "$INIT_GENERATOR"}
+  --threads "$THREADS" ${INIT_GENERATOR:+--init-generator "$INIT_GENERATOR"} ${INIT_MATCHING:+--init-matching}

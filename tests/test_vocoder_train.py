@@ -190,3 +190,20 @@ def test_loss_weights_are_validated_and_reach_the_trainer(corpus, tmp_path):
     for name, bad in (("mel_weight", -1.0), ("fm_weight", float("nan")), ("dur_weight", "1")):
         with pytest.raises(ValueError, match=name):
             VocoderTrainConfig(vocoder=VocoderConfig.preset("tiny-istft-test"), **{name: bad})
+
+
+def test_a_warm_start_copies_only_the_matching_tensors(corpus, tmp_path):
+    from llama_omni.model.vocoder import save_vocoder
+
+    donor = UnitVocoder(VocoderConfig.preset("tiny-istft-test").replace(num_units=7))
+    for p in donor.parameters():
+        torch.nn.init.normal_(p, std=3.0)  # far from any fresh initialization
+    save_vocoder(donor, tmp_path / "donor")
+    trainer = _trainer(corpus, tmp_path / "run")
+    fresh_dict = trainer.generator.dict.weight.detach().clone()
+    copied = trainer.init_generator(tmp_path / "donor", matching_only=True)
+
+    ours, theirs = trainer.generator.state_dict(), donor.state_dict()
+    assert copied == len(ours) - 1  # all but the unit embedding, whose vocabulary differs
+    assert torch.equal(ours["dict.weight"], fresh_dict)
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours if n != "dict.weight")

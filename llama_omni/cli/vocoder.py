@@ -63,6 +63,9 @@ def vocoder_train(
     init_generator: Annotated[Path | None, typer.Option(
         help="A new run starts from this saved generator (a vocoder directory) instead of "
              "random weights; ignored when the run dir has a checkpoint to resume.")] = None,
+    init_matching: Annotated[bool, typer.Option(
+        help="With --init-generator of another preset: copy only the tensors whose names "
+             "and shapes match (a warm start), the rest start random.")] = False,
     seed: int = 0,
     threads: Annotated[int, typer.Option(
         help="Torch threads; on a CPU shared with other jobs 1 is fastest.")] = 1,
@@ -102,8 +105,10 @@ def vocoder_train(
         typer.echo(f"resumed {run_dir} at step {trainer.step}")
     else:
         if init_generator is not None:
-            trainer.init_generator(init_generator)
-            typer.echo(f"generator initialized from {init_generator}")
+            copied = trainer.init_generator(init_generator, matching_only=init_matching)
+            total = len(trainer.generator.state_dict())
+            typer.echo(f"generator initialized from {init_generator} "
+                       f"({copied} of {total} tensors)")
         typer.echo(f"new run in {run_dir}: {estimate_steps_per_second(trainer):.2f} steps/s")
     trainer.train()
 

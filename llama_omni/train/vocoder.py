@@ -188,16 +188,29 @@ class VocoderTrainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
 
-    def init_generator(self, path: str | Path) -> None:
+    def init_generator(self, path: str | Path, matching_only: bool = False) -> int:
         """Start a new run from a saved generator (`load_vocoder` formats): fine-tuning, or
-        continuing a run whose checkpoint is gone. Discriminators and optimizers start fresh."""
+        continuing a run whose checkpoint is gone. Discriminators and optimizers start fresh.
+
+        `matching_only` warm-starts another config (e.g. a preset with one more upsampling
+        stage): only the tensors whose names and shapes match are copied, the rest keep
+        their random initialization. Returns how many tensors were copied."""
         require(self.step == 0, "init_generator: only a new run starts from a saved generator")
         saved = load_vocoder(path)
         ours = self.config.vocoder.to_dict()  # the output filter is no trained weight
+        if matching_only:
+            target = self.generator.state_dict()
+            copied = {name: tensor for name, tensor in saved.state_dict().items()
+                      if name in target and target[name].shape == tensor.shape}
+            require(copied, f"{path}: no tensor matches this vocoder's names and shapes")
+            self.generator.load_state_dict(copied, strict=False)
+            return len(copied)
         require({**saved.config.to_dict(), "hop_notch_width": ours["hop_notch_width"]} == ours,
                 f"{path} holds a vocoder of another config ({saved.config}); train with that "
-                f"config (--preset / --num-units) or start from scratch")
+                f"config (--preset / --num-units), warm-start with --init-matching, or start "
+                f"from scratch")
         self.generator.load_state_dict(saved.state_dict())
+        return len(saved.state_dict())
 
     def maybe_resume(self) -> bool:
         path = self.run_dir / CHECKPOINT_NAME
