@@ -11,7 +11,9 @@ The last layer then predicts a log-magnitude and a phase spectrum, and an invers
 does the final `istft_hop` x upsampling, so the costly high-rate layers are dropped; this
 is what lets a vocoder train on a few CPU cores in hours. Its frame rate leaves steady
 tones at multiples of sample_rate / istft_hop; `hop_notch_width` > 0 notches them out of the
-output (`postfilter.py`; applied by `vocode` and the streaming vocoder, not in training).
+output, and `pitch_comb_gain` > 0 adds a pitch (long-term) post-filter that lowers the
+noise between the voice's harmonics (`postfilter.py`; both applied by `vocode` and the
+streaming vocoder, not in training).
 
 Two weight formats load here: fairseq's (a `g_*` torch pickle holding {"generator": state
 dict} next to its `config.json`) and ours (`vocoder.json` + `vocoder.safetensors`).
@@ -38,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llama_omni.configbase import ConfigBase, require
-from llama_omni.model.postfilter import HarmonicNotch
+from llama_omni.model.postfilter import HarmonicNotch, OutputFilter, PitchPostfilter
 
 CONFIG_NAME = "vocoder.json"
 WEIGHTS_NAME = "vocoder.safetensors"
@@ -64,6 +66,9 @@ class VocoderConfig(ConfigBase):
     istft_n_fft: int = 0  # > 0: iSTFT output head with this FFT size (0: waveform head)
     istft_hop: int = 0  # hop of the iSTFT head, the upsampling it adds
     hop_notch_width: float = 0.0  # > 0: notches this many Hz wide at k * sample_rate / istft_hop
+    pitch_comb_gain: float = 0.0  # > 0: pitch post-filter with this gain (postfilter.py)
+    pitch_comb_taps: int = 3  # its delayed taps, 1 to 8 (more: narrower harmonic peaks)
+    pitch_comb_voicing: float = 0.7  # its autocorrelation below which a frame is not voiced
 
     def __post_init__(self) -> None:
         self.upsample_rates = tuple(self.upsample_rates)
@@ -93,6 +98,18 @@ class VocoderConfig(ConfigBase):
                 < self.sample_rate, f"VocoderConfig.hop_notch_width ({self.hop_notch_width}) "
                 "must be 0, or with an iSTFT head (the notches sit at its frame rate) between "
                 "0 and sample_rate / istft_hop")
+        require(0.0 <= self.pitch_comb_gain <= 1.0 and 1 <= self.pitch_comb_taps <= 8
+                and 0.0 <= self.pitch_comb_voicing < 1.0,
+                f"VocoderConfig: pitch_comb_gain ({self.pitch_comb_gain}) must be in [0, 1] "
+                f"(0 = off), pitch_comb_taps ({self.pitch_comb_taps}) in 1..8 and "
+                f"pitch_comb_voicing ({self.pitch_comb_voicing}) in [0, 1)")
+
+    OUTPUT_FILTER_FIELDS = ("hop_notch_width", "pitch_comb_gain", "pitch_comb_taps",
+                            "pitch_comb_voicing")
+
+    def with_output_filter_of(self, other: VocoderConfig) -> VocoderConfig:
+        """This config with `other`'s output filter (no trained weights depend on it)."""
+        return self.replace(**{name: getattr(other, name) for name in self.OUTPUT_FILTER_FIELDS})
 
     def _validate_upsampling(self) -> None:
         rates, kernels = self.upsample_rates, self.upsample_kernel_sizes
@@ -167,6 +184,7 @@ _ISTFT_256: dict[str, Any] = dict(
     istft_n_fft=64,
     istft_hop=16,
     hop_notch_width=250.0,  # chosen by DNSMOS on the voice corpus's dev sentences
+    pitch_comb_gain=1.0,  # with taps 3, voicing 0.7: chosen the same way (vocoder-hibari card)
 )
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -325,13 +343,19 @@ class UnitVocoder(nn.Module):
     def device(self) -> torch.device:
         return self.dict.weight.device
 
-    def make_postfilter(self) -> HarmonicNotch | None:
-        """A fresh output filter for `config.hop_notch_width` (None when off). Not a child
-        module: a vocoder shared by several streams must not share one filter state."""
+    def make_postfilter(self) -> OutputFilter | None:
+        """A fresh output filter for the config's `hop_notch_width` and `pitch_comb_*` (None
+        when both are off). Not a child module: a vocoder shared by several streams must not
+        share one filter state."""
         c = self.config
-        if not c.hop_notch_width:
-            return None
-        return HarmonicNotch(c.sample_rate / c.istft_hop, c.sample_rate, c.hop_notch_width)
+        stages: list[HarmonicNotch | PitchPostfilter] = []
+        if c.hop_notch_width:
+            stages.append(HarmonicNotch(c.sample_rate / c.istft_hop, c.sample_rate,
+                                        c.hop_notch_width))
+        if c.pitch_comb_gain:
+            stages.append(PitchPostfilter(c.sample_rate, c.pitch_comb_gain,
+                                          taps=c.pitch_comb_taps, voicing=c.pitch_comb_voicing))
+        return OutputFilter(stages) if stages else None
 
     def predict_durations(self, units: torch.Tensor) -> torch.Tensor:
         """[B, U] unit ids -> [B, U] frames per unit (>= 1)."""

@@ -197,7 +197,7 @@ class VocoderTrainer:
         their random initialization. Returns how many tensors were copied."""
         require(self.step == 0, "init_generator: only a new run starts from a saved generator")
         saved = load_vocoder(path)
-        ours = self.config.vocoder.to_dict()  # the output filter is no trained weight
+        ours = self.config.vocoder
         if matching_only:
             target = self.generator.state_dict()
             copied = {name: tensor for name, tensor in saved.state_dict().items()
@@ -205,7 +205,7 @@ class VocoderTrainer:
             require(copied, f"{path}: no tensor matches this vocoder's names and shapes")
             self.generator.load_state_dict(copied, strict=False)
             return len(copied)
-        require({**saved.config.to_dict(), "hop_notch_width": ours["hop_notch_width"]} == ours,
+        require(saved.config.with_output_filter_of(ours) == ours,  # the filter has no weights
                 f"{path} holds a vocoder of another config ({saved.config}); train with that "
                 f"config (--preset / --num-units), warm-start with --init-matching, or start "
                 f"from scratch")
