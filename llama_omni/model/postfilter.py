@@ -140,10 +140,12 @@ class PitchPostfilter(StreamingModule[PitchState]):
         peak): voice periods are not whole samples, and with a rounded lag the taps drift
         out of phase at the upper harmonics."""
         w = self.window
+        past = past[-(w + int(self.lags[-1])):]  # [W + max lag] all that the search reads
         current = past[-w:]  # [W]
         starts = len(past) - w - self.lags  # [L] start of each lagged window
         lagged = np.lib.stride_tricks.sliding_window_view(past, w)[starts]  # [L, W]
-        energy = float(current @ current) * np.einsum("lw,lw->l", lagged, lagged)  # [L]
+        power = np.concatenate([[0.0], np.cumsum(past.astype(np.float64) ** 2)])
+        energy = float(current @ current) * (power[starts + w] - power[starts])  # [L]
         corr = (lagged @ current) / np.sqrt(np.maximum(energy, 1e-12))  # [L]
         # A multiple of the period correlates as well as the period itself: take the
         # shortest lag that comes within 5 % of the best (its comb keeps every harmonic).
