@@ -122,17 +122,20 @@ class PitchPostfilter(StreamingModule[PitchState]):
                 stream.params = stream.params[2:] + self._pitch(x[: h + done])
             n = min(self.frame - offset, len(audio) - done)
             fade = 1.0 - (np.arange(offset, offset + n) + 0.5) / self.frame  # [n] old -> new
-            at = h + done + np.arange(n)  # [n] indices into x
-            old, new = (self._comb(x, at, *stream.params[i:i + 2]) for i in (0, 2))
+            at = h + done  # where these n samples start in x
+            old, new = (self._comb(x, at, n, *stream.params[i:i + 2]) for i in (0, 2))
             out[done:done + n] = fade * old + (1.0 - fade) * new
             done += n
         stream.history = x[-h:]
         stream.position += len(audio)
         return out
 
-    def _comb(self, x: np.ndarray, at: np.ndarray, lag: float, gain: float) -> np.ndarray:
+    def _comb(self, x: np.ndarray, at: int, n: int, lag: float, gain: float) -> np.ndarray:
+        """The comb's output for x[at:at + n]."""
+        if gain == 0.0:  # unvoiced: the input passes unchanged
+            return x[at:at + n]
         weights = gain ** np.arange(self.taps + 1)  # [K + 1] 1, g, g^2, ...
-        return sum(w * _delayed(x, at, k * lag) for k, w in enumerate(weights)) / weights.sum()
+        return sum(w * _delayed(x, at, n, k * lag) for k, w in enumerate(weights)) / weights.sum()
 
     def _pitch(self, past: np.ndarray) -> tuple[float, float]:
         """(lag, gain) from the last `window` samples of `past` and the lags before them.
@@ -143,10 +146,10 @@ class PitchPostfilter(StreamingModule[PitchState]):
         past = past[-(w + int(self.lags[-1])):]  # [W + max lag] all that the search reads
         current = past[-w:]  # [W]
         starts = len(past) - w - self.lags  # [L] start of each lagged window
-        lagged = np.lib.stride_tricks.sliding_window_view(past, w)[starts]  # [L, W]
+        dots = np.correlate(past, current, "valid")[starts]  # [L] <lagged window, current>
         power = np.concatenate([[0.0], np.cumsum(past.astype(np.float64) ** 2)])
         energy = float(current @ current) * (power[starts + w] - power[starts])  # [L]
-        corr = (lagged @ current) / np.sqrt(np.maximum(energy, 1e-12))  # [L]
+        corr = dots / np.sqrt(np.maximum(energy, 1e-12))  # [L]
         # A multiple of the period correlates as well as the period itself: take the
         # shortest lag that comes within 5 % of the best (its comb keeps every harmonic).
         best = int(np.argmax(corr >= 0.95 * corr.max()))
@@ -162,17 +165,17 @@ class PitchPostfilter(StreamingModule[PitchState]):
         return float(self.lags[best] + shift), float(self.gain * voiced)
 
 
-def _delayed(x: np.ndarray, at: np.ndarray, delay: float) -> np.ndarray:
-    """x[at - delay] for a fractional delay: cubic Lagrange interpolation over 4 samples."""
+def _delayed(x: np.ndarray, at: int, n: int, delay: float) -> np.ndarray:
+    """x[at - delay : at - delay + n] for a fractional delay: cubic Lagrange interpolation
+    over the 4 samples around each point."""
     whole = int(np.floor(delay))
-    d = delay - whole  # in [0, 1): the sample lies between at - whole - 1 and at - whole
-    if d == 0.0:
-        return x[at - whole]
-    base = at - whole  # x[base - d]; neighbours base + 1, base, base - 1, base - 2
-    t = -d  # position relative to base
-    c = (-(t) * (t - 1) * (t - 2) / 6, (t + 1) * (t - 1) * (t - 2) / 2,
+    base = at - whole  # x[base - d + i] for i < n, d in [0, 1)
+    t = whole - delay  # -d: position relative to base
+    if t == 0.0:
+        return x[base:base + n]
+    c = (-t * (t - 1) * (t - 2) / 6, (t + 1) * (t - 1) * (t - 2) / 2,
          -(t + 1) * t * (t - 2) / 2, (t + 1) * t * (t - 1) / 6)  # at -1, 0, 1, 2 from base
-    return c[0] * x[base - 1] + c[1] * x[base] + c[2] * x[base + 1] + c[3] * x[base + 2]
+    return sum(ci * x[base + j:base + j + n] for ci, j in zip(c, (-1, 0, 1, 2)))
 
 
 class OutputFilter(StreamingModule[int]):
