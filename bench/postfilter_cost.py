@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llama_omni.inference.defaults import DEFAULT_VOCODER_DIR
 from llama_omni.model.vocoder import load_vocoder
-from llama_omni.units.extract import DEFAULT_UNITS_DIR
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocoder", type=Path, default=DEFAULT_UNITS_DIR.parent / "vocoder-hibari")
+    parser.add_argument("--vocoder", type=Path, default=DEFAULT_VOCODER_DIR)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.signal import iirnotch, sosfilt, tf2sos
-
 from torch import nn
 
 from llama_omni.streaming import StreamingModule
@@ -59,7 +58,8 @@ class HarmonicNotch(StreamingModule[NotchState]):
 class PitchStream:
     history: np.ndarray  # [H] the last `PitchPostfilter.history` input samples
     position: int = 0  # samples filtered so far
-    params: tuple[float, float, float, float] = (1.0, 0.0, 1.0, 0.0)  # (lag, gain): before, in frame
+    previous: tuple[float, float] = (1.0, 0.0)  # (lag, gain) of the frame before
+    current: tuple[float, float] = (1.0, 0.0)  # (lag, gain) of this frame
 
 
 @dataclass
@@ -119,11 +119,12 @@ class PitchPostfilter(StreamingModule[PitchState]):
         while done < len(audio):
             offset = (stream.position + done) % self.frame  # where in its frame this sample is
             if offset == 0:  # a new frame: its lag from the input before it
-                stream.params = stream.params[2:] + self._pitch(x[: h + done])
+                stream.previous, stream.current = stream.current, self._pitch(x[: h + done])
             n = min(self.frame - offset, len(audio) - done)
             fade = 1.0 - (np.arange(offset, offset + n) + 0.5) / self.frame  # [n] old -> new
             at = h + done  # where these n samples start in x
-            old, new = (self._comb(x, at, n, *stream.params[i:i + 2]) for i in (0, 2))
+            old = self._comb(x, at, n, *stream.previous)
+            new = self._comb(x, at, n, *stream.current)
             out[done:done + n] = fade * old + (1.0 - fade) * new
             done += n
         stream.history = x[-h:]
@@ -192,10 +193,10 @@ class OutputFilter(StreamingModule[int]):
         """A whole signal [T] -> filtered [T] float32 (every filter starts at rest)."""
         for stage in self.stages:
             audio = stage.apply(audio)
-        return np.asarray(audio, np.float32)
+        return audio
 
     def push(self, index: int, audio: np.ndarray) -> np.ndarray:
         """The next samples [T] of stream `index` -> filtered [T] float32."""
         for stage in self.stages:
             audio = stage.push(index, audio)
-        return np.asarray(audio, np.float32)
+        return audio
