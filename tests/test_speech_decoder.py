@@ -225,6 +225,29 @@ def test_widening_the_input_for_token_input_keeps_what_the_decoder_computes():
     assert not kept  # a narrower input cannot keep the weights
 
 
+def test_a_deeper_decoder_starts_as_the_trained_one_then_its_new_layers_learn():
+    torch.manual_seed(3)
+    decoder = SpeechDecoder(tiny()).eval()
+    deep, kept = decoder.reconfigured(n_layers=4)
+    assert kept and len(deep.layers) == 4
+    hidden = torch.randn(2, 6, 64)
+    torch.testing.assert_close(deep(hidden)[0], decoder(hidden)[0])  # added layers: identity
+    log_probs, lengths = deep.train()(hidden)
+    targets = torch.randint(0, 32, (2, 20))
+    deep.ctc_loss(log_probs, lengths, targets).backward()
+    for name in ("self_attn.o_proj", "mlp.down_proj"):  # the zeroed projections get gradients
+        assert deep.layers[3].get_submodule(name).weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        deep.layers[3].mlp.down_proj.weight.normal_(std=0.1)
+        deep.eval()
+        whole, _ = deep(hidden)
+        with deep.streaming(2):
+            chunks = torch.cat([deep(hidden[:, :2])[0], deep(hidden[:, 2:3])[0], deep(hidden[:, 3:])[0]], 1)
+    torch.testing.assert_close(chunks, whole)
+    _, kept = deep.reconfigured(n_layers=2)
+    assert not kept  # fewer layers cannot keep the weights
+
+
 def test_copy_indices_count_within_each_token_and_cap_stretched_tokens():
     index = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 0, 0, 1, 1, 1, 1, 1]])
     assert copy_indices(index, 3).tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2], [0, 1, 2, 2, 0, 1, 2, 2, 2]]

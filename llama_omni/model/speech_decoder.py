@@ -331,7 +331,10 @@ class SpeechDecoder(StreamingModule[DecoderState]):
 
         A wider input (e.g. switching token_input on) keeps the weights too: the new input
         columns start at zero, so the decoder starts out computing what it computed before;
-        so does switching copy_position on (its embedding starts at zero).
+        so does switching copy_position on (its embedding starts at zero), and so does a
+        deeper decoder: the added layers go on top with their attention and feed-forward
+        output projections at zero, so each starts as the identity (its residual) and
+        learns from there.
         """
         param = next(self.parameters())
         decoder = SpeechDecoder(self.config.replace(**changes), device=param.device, dtype=param.dtype)
@@ -343,6 +346,11 @@ class SpeechDecoder(StreamingModule[DecoderState]):
             weights["input_proj.weight"] = torch.cat([old, extra], 1)  # [D, Din_new]
         if decoder.copy_embedding is not None and "copy_embedding" not in weights:
             weights["copy_embedding"] = decoder.copy_embedding.detach().clone()
+        for i in range(self.config.n_layers, decoder.config.n_layers):
+            layer = decoder.layers[i]
+            nn.init.zeros_(layer.self_attn.o_proj.weight)
+            nn.init.zeros_(layer.mlp.down_proj.weight)
+            weights.update({f"layers.{i}.{k}": v for k, v in layer.state_dict().items()})
         kept = {k: v.shape for k, v in weights.items()} == {
             k: v.shape for k, v in decoder.state_dict().items()
         }
