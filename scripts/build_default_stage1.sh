@@ -11,10 +11,12 @@
 #
 # Then evaluate runs/candidate/default-model (README, "Evaluation") before installing it
 # with scripts/build_default_model.py --out llama_omni/weights/default-model.
-# Environment: STEPS (stage-1 steps, default 300), THREADS (default 2).
+# Environment: STEPS (stage-1 steps, default 300), THREADS (default 2), PRECISION (default
+# bf16 where the CPU has bf16 instructions, else fp32: emulated bf16 is 10-20x slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-300}"
+PRECISION="${PRECISION:-$(.venv/bin/python -c 'from llama_omni.train.run import cpu_bf16_support as s; print("bf16" if s() else "fp32")')}"
 THREADS="${THREADS:-2}"
 BIN=.venv/bin
 DATA=runs/data/sharegpt-default
@@ -46,7 +48,7 @@ echo "== 3/5 adaptor pre-alignment from the shipped model"
 echo "== 4/5 stage 1, adaptor only, on the mix"
 "$BIN/llama-omni" train stage1 configs/train/small-cpu-stage1.yaml \
   --data "$MIX_TRAIN" --set data.eval="$MIX_HELDOUT" \
-  --checkpoint "$ALIGN/final" --tuning adaptor --lr 1e-3 --precision bf16 \
+  --checkpoint "$ALIGN/final" --tuning adaptor --lr 1e-3 --precision "$PRECISION" \
   --output-dir "$STAGE1" --max-steps "$STEPS" \
   --set eval_every=40 --set save_every=10
 

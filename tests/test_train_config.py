@@ -101,3 +101,18 @@ def test_cosine_schedule_with_warmup():
     assert lrs[0] == 0 and lrs[1] == pytest.approx(2e-5 / 3) and lrs[3] == pytest.approx(2e-5)
     assert lrs[3 + 97 // 2] == pytest.approx(1e-5, rel=0.05)
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] < 1e-8
+
+
+def test_cpu_bf16_support_reads_the_cpu_flags(tmp_path):
+    from llama_omni.train.run import cpu_bf16_support
+
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n")
+    sapphire = tmp_path / "spr"
+    sapphire.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert cpu_bf16_support(avx2) is False
+    assert cpu_bf16_support(sapphire) is True
+    assert cpu_bf16_support(arm) is True
+    assert cpu_bf16_support(tmp_path / "missing") is None  # not Linux: cannot tell

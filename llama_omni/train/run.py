@@ -123,11 +123,31 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         project_dir=config.output_dir,
         step_scheduler_with_optimizer=False,
     )
+    if config.precision == "bf16" and accelerator.device.type == "cpu" and cpu_bf16_support() is False:
+        log.warning(
+            "precision bf16 on a CPU without native bf16 instructions (no avx512_bf16 / "
+            "amx_bf16 in /proc/cpuinfo): autocast emulates it and a step can be 10-20x "
+            "slower than fp32; use --precision fp32 on this machine"
+        )
     # Known only now that the processes are counted (before prepare, as DeepSpeed needs).
     accelerator.gradient_accumulation_steps = accumulation_steps(config, accelerator.num_processes)
     if tensorboard:
         accelerator.init_trackers("tensorboard")
     return accelerator
+
+
+def cpu_bf16_support(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU has bf16 arithmetic (x86 avx512_bf16 / amx_bf16, Arm bf16);
+    None where /proc/cpuinfo cannot tell (not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    flags = {flag for line in text.splitlines()
+             if line.split(":")[0].strip() in ("flags", "Features") for flag in line.split(":", 1)[1].split()}
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def load_conversations(spec: DataSpec) -> tuple[list[Conversation], list[Conversation]]:
