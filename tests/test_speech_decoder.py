@@ -248,6 +248,19 @@ def test_a_deeper_decoder_starts_as_the_trained_one_then_its_new_layers_learn():
     assert not kept  # fewer layers cannot keep the weights
 
 
+def test_dropout_acts_in_training_only_and_keeps_the_weights():
+    torch.manual_seed(4)
+    decoder = SpeechDecoder(tiny()).eval()
+    noisy, kept = decoder.reconfigured(dropout=0.3)
+    assert kept
+    hidden = torch.randn(1, 4, 64)
+    torch.testing.assert_close(noisy.eval()(hidden)[0], decoder(hidden)[0])
+    noisy.train()
+    assert not torch.allclose(noisy(hidden)[0], decoder(hidden)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="dropout"):
+        tiny(dropout=1.0)
+
+
 def test_copy_indices_count_within_each_token_and_cap_stretched_tokens():
     index = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 0, 0, 1, 1, 1, 1, 1]])
     assert copy_indices(index, 3).tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2], [0, 1, 2, 2, 0, 1, 2, 2, 2]]

@@ -60,6 +60,10 @@ class SpeechDecoderConfig(ConfigBase):
     # copies can tell the decoder where inside a token it is, and so which of the token's
     # ~10 units to emit there; two small layers find that hard.
     copy_position: bool = False
+    # Our models' option: dropout on each layer's attention and feed-forward outputs, in
+    # training only. A small decoder trained on a few thousand answers learns the training
+    # answers far better than new ones (CTC loss ~1.4 against ~2.3 held out).
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("input_width", "n_layers", "width", "n_heads", "ffn", "upsample", "unit_vocab"):
@@ -79,6 +83,7 @@ class SpeechDecoderConfig(ConfigBase):
             "SpeechDecoderConfig.attention_window must be a positive integer or null, "
             f"got {self.attention_window!r}",
         )
+        require(0.0 <= self.dropout < 1.0, f"SpeechDecoderConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.rope_scaling is not None:
             kind = _rope_type(self.rope_scaling)
             require(
@@ -295,10 +300,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, device, dtype)
         self.post_attention_layernorm = RMSNorm(config.width, config.rms_eps, device, dtype)
         self.mlp = FeedForward(config, device, dtype)
+        self.dropout = nn.Dropout(config.dropout)  # identity in eval mode
 
     def forward(self, x, cos, sin, cache: LayerCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
 @dataclass
