@@ -126,7 +126,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     if config.precision == "bf16" and accelerator.device.type == "cpu" and cpu_bf16_support() is False:
         log.warning(
             "precision bf16 on a CPU without native bf16 instructions (no avx512_bf16 / "
-            "amx_bf16 in /proc/cpuinfo): autocast emulates it and a step can be 10-20x "
+            "amx_bf16 in /proc/cpuinfo): autocast emulates it and a step can be ~20x "
             "slower than fp32; use --precision fp32 on this machine"
         )
     # Known only now that the processes are counted (before prepare, as DeepSpeed needs).
