@@ -143,8 +143,11 @@ def cpu_bf16_support(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
         text = Path(cpuinfo).read_text()
     except OSError:
         return None
-    flags = {flag for line in text.splitlines()
-             if line.split(":")[0].strip() in ("flags", "Features") for flag in line.split(":", 1)[1].split()}
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / Arm spelling
+            flags.update(value.split())
     if not flags:
         return None
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
