@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # Rebuild the default model's stage 1 from nothing (runs/ is not kept between machines):
-# stage-1 data without units, the "repeat / answer" task mix, adaptor pre-alignment, then
-# stage 1 on the mix with the adaptor alone (the LLM and its shipped LoRA frozen, so the
-# shipped speech decoder still reads the same states), and the candidate model assembled
-# with the shipped speech decoder. The long steps resume from their checkpoints and the
-# short ones are redone: after a kill, run it again. About 3 h on 2 cores (data ~1.5 h: every instruction of the config, about
-# 3,600 answered; align 30 min; stage 1 50 min). Our shipped run stopped the data at 1,933.
+# the data (with the answers' units, for scripts/build_default_stage2.sh), the "repeat /
+# answer" task mix, adaptor pre-alignment, then stage 1 on the mix with the adaptor alone
+# (the LLM and its shipped LoRA frozen), and the candidate model assembled with the
+# shipped speech decoder. The long steps resume from their checkpoints and the short ones
+# are redone: after a kill, run it again. About 3 h on 2 cores (data ~1.5 h: every
+# instruction of the config, about 3,600 answered, in waves of 500 questions, about 10 min
+# and 380 answers each; align 30 min; stage 1 50 min). The data may be stopped after any
+# wave (kill the two shards, then run the later steps by hand): our runs used 1,933 and
+# 1,167 items.
 #
 #   nohup bash scripts/build_default_stage1.sh > runs/stage1-build.log 2>&1 &
 #
 # Then evaluate runs/candidate/default-model (README, "Evaluation") before installing it
 # with scripts/build_default_model.py --out llama_omni/weights/default-model.
-# Environment: STEPS (stage-1 steps, default 300), THREADS (default 2), PRECISION (default
+# Environment: STEPS (stage-1 steps, default 300), ALIGN_STEPS (default 200), THREADS (default 2), PRECISION (default
 # bf16 where the CPU has bf16 instructions, else fp32: emulated bf16 is 10-20x slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-300}"
+ALIGN_STEPS="${ALIGN_STEPS:-200}"
 PRECISION="${PRECISION:-$(.venv/bin/python -c 'from llama_omni.train.run import cpu_bf16_support as s; print("bf16" if s() else "fp32")')}"
 THREADS="${THREADS:-2}"
 BIN=.venv/bin
@@ -27,11 +31,11 @@ STAGE1=runs/small-cpu/stage1-mixed-ad
 CANDIDATE=runs/candidate/default-model
 export OMP_NUM_THREADS=1
 
-echo "== 1/5 data (rewrite, respond, synthesize; two shards side by side)"
+echo "== 1/5 data (rewrite, respond, synthesize, units; two shards side by side)"
 pids=()
 for shard in 0 1; do
   "$BIN/llama-omni" data build configs/data/sharegpt-default.yaml \
-    --steps rewrite,respond,synthesize --shard "$shard/2" &
+    --shard "$shard/2" &
   pids+=("$!")
 done
 for pid in "${pids[@]}"; do wait "$pid"; done   # a failed shard stops the script
@@ -43,7 +47,7 @@ echo "== 2/5 task mix (each item as 'repeat the question' and as 'answer it')"
 export OMP_NUM_THREADS="$THREADS"
 echo "== 3/5 adaptor pre-alignment from the shipped model"
 "$BIN/llama-omni" train align configs/train/small-cpu-align.yaml --data "$DATA" \
-  --checkpoint llama_omni/weights/default-model --output-dir "$ALIGN" --max-steps 200
+  --checkpoint llama_omni/weights/default-model --output-dir "$ALIGN" --max-steps "$ALIGN_STEPS"
 
 echo "== 4/5 stage 1, adaptor only, on the mix"
 "$BIN/llama-omni" train stage1 configs/train/small-cpu-stage1.yaml \
