@@ -14,8 +14,10 @@
 #
 # Then evaluate runs/candidate/default-model (README, "Evaluation") before installing it
 # with scripts/build_default_model.py --out llama_omni/weights/default-model.
-# Environment: STEPS (stage-1 steps, default 300), ALIGN_STEPS (default 200), THREADS (default 2), PRECISION (default
-# bf16 where the CPU has bf16 instructions, else fp32: emulated bf16 is 10-20x slower).
+# Environment: STEPS (stage-1 steps, default 300), ALIGN_STEPS (default 200), THREADS
+# (default 2), PRECISION (default bf16 where the CPU has bf16 instructions, else fp32:
+# emulated bf16 is 10-20x slower). It starts from the shipped model's adaptor: to repeat
+# the 2026-12-07 run exactly, first `git checkout dbac423 -- llama_omni/weights/default-model`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-300}"
