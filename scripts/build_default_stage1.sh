@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-300}"
 ALIGN_STEPS="${ALIGN_STEPS:-200}"
-PRECISION="${PRECISION:-$(.venv/bin/python -c 'from llama_omni.train.run import cpu_bf16_support as s; print("bf16" if s() else "fp32")')}"
+PRECISION="${PRECISION:-$(.venv/bin/python -c 'from llama_omni.train.config import cpu_bf16_support as s; print("bf16" if s() else "fp32")')}"
 THREADS="${THREADS:-2}"
 BIN=.venv/bin
 DATA=runs/data/sharegpt-default

@@ -28,7 +28,7 @@ from llama_omni.train.batches import (
     collate_units,
     speech_text_examples,
 )
-from llama_omni.train.config import DataSpec, TrainConfig
+from llama_omni.train.config import DataSpec, TrainConfig, cpu_bf16_support
 from llama_omni.train.data import (
     Conversation,
     DataError,
@@ -134,23 +134,6 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     if tensorboard:
         accelerator.init_trackers("tensorboard")
     return accelerator
-
-
-def cpu_bf16_support(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
-    """Whether this CPU has bf16 arithmetic (x86 avx512_bf16 / amx_bf16, Arm bf16);
-    None where /proc/cpuinfo cannot tell (not Linux)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return None
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86 / Arm spelling
-            flags.update(value.split())
-    if not flags:
-        return None
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def load_conversations(spec: DataSpec) -> tuple[list[Conversation], list[Conversation]]:
