@@ -16,7 +16,8 @@
 # with scripts/build_default_model.py --out llama_omni/weights/default-model.
 # Environment: STEPS (stage-1 steps, default 300), ALIGN_STEPS (default 200), THREADS
 # (default 2), PRECISION (default bf16 where the CPU has bf16 instructions, else fp32:
-# emulated bf16 is 10-20x slower). It starts from the shipped model's adaptor: to repeat
+# emulated bf16 is 10-20x slower), ALIGN / STAGE1 / CANDIDATE (the run directories: a
+# new name starts a new run; the same name resumes). It starts from the shipped model's adaptor: to repeat
 # the 2026-12-07 run exactly, first `git checkout dbac423 -- llama_omni/weights/default-model`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +29,9 @@ BIN=.venv/bin
 DATA=runs/data/sharegpt-default
 MIX_TRAIN=runs/data/mixed-train.json
 MIX_HELDOUT=runs/data/mixed-heldout.json
-ALIGN=runs/small-cpu/align
-STAGE1=runs/small-cpu/stage1-mixed-ad
-CANDIDATE=runs/candidate/default-model
+ALIGN="${ALIGN:-runs/small-cpu/align}"
+STAGE1="${STAGE1:-runs/small-cpu/stage1-mixed-ad}"
+CANDIDATE="${CANDIDATE:-runs/candidate/default-model}"
 export OMP_NUM_THREADS=1
 
 echo "== 1/5 data (rewrite, respond, synthesize, units; two shards side by side)"

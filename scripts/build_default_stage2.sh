@@ -10,7 +10,8 @@
 #   nohup bash scripts/build_default_stage2.sh > runs/stage2-build.log 2>&1 &
 #
 # Environment: STEPS (default 300 steps of 8), THREADS (default 2), PRECISION (as in
-# build_default_stage1.sh).
+# build_default_stage1.sh), CANDIDATE (the stage-1 candidate), RUN (the training run's
+# directory: the same name resumes), OUT (candidate 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-300}"
@@ -18,9 +19,9 @@ PRECISION="${PRECISION:-$(.venv/bin/python -c 'from llama_omni.train.config impo
 export OMP_NUM_THREADS="${THREADS:-2}"
 BIN=.venv/bin
 DATA=runs/data/sharegpt-default
-CANDIDATE=runs/candidate/default-model
-RUN=runs/small-cpu/stage2-candidate
-OUT=runs/candidate2/default-model
+CANDIDATE="${CANDIDATE:-runs/candidate/default-model}"
+RUN="${RUN:-runs/small-cpu/stage2-candidate}"
+OUT="${OUT:-runs/candidate2/default-model}"
 VOCODER=llama_omni/weights/vocoder-hibari
 
 heldout() {  # CHECKPOINT OUT_JSON: teacher-forced units of 30 held-out answers -> Whisper WER
