@@ -17,8 +17,10 @@
 # Environment: STEPS (stage-1 steps, default 300), ALIGN_STEPS (default 200), THREADS
 # (default 2), PRECISION (default bf16 where the CPU has bf16 instructions, else fp32:
 # emulated bf16 is 10-20x slower), ALIGN / STAGE1 / CANDIDATE (the run directories: a
-# new name starts a new run; the same name resumes). It starts from the shipped model's adaptor: to repeat
-# the 2026-12-07 run exactly, first `git checkout dbac423 -- llama_omni/weights/default-model`.
+# new name starts a new run; the same name resumes). It starts from the shipped model's
+# adaptor: to repeat the run that made candidate 1 (shipped since ed26254) exactly, first
+# `git checkout dbac423 -- llama_omni/weights/default-model`; candidate 3 started from
+# the adaptor shipped at ed26254.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-300}"
