@@ -57,7 +57,17 @@ class Misbehaving(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def _leave(self):
+        """Stop counting this request as in flight. Done before the reply is written: the
+        client may start its next request as soon as it has read this one, before this
+        handler returns, which would count one request too many."""
+        cls = type(self)
+        with cls.lock:
+            cls.in_flight -= self.counted
+            self.counted = False
+
     def _reply(self, status, body: bytes, headers=()):
+        self._leave()
         self.send_response(status)
         for key, value in headers:
             self.send_header(key, value)
@@ -72,10 +82,10 @@ class Misbehaving(BaseHTTPRequestHandler):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         script = request["messages"][-1]["content"]
         cls = type(self)
-        counted = script.startswith("slow")  # only these measure concurrency
+        self.counted = script.startswith("slow")  # only these measure concurrency
         with cls.lock:
             n = cls.calls[script] = cls.calls.get(script, 0) + 1
-            cls.in_flight += counted
+            cls.in_flight += self.counted
             cls.max_in_flight = max(cls.max_in_flight, cls.in_flight)
         try:
             steps = script.split(",")
@@ -97,8 +107,7 @@ class Misbehaving(BaseHTTPRequestHandler):
             else:
                 self._reply(200, _completion(f'{{"instruction": "answer to {script}"}}'))
         finally:
-            with cls.lock:
-                cls.in_flight -= counted
+            self._leave()
 
 
 def _completion(content: str) -> bytes:
