@@ -141,7 +141,7 @@ def test_top_p_filter_and_selector_validation():
         SamplingOptions(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingOptions(top_p=0)
-    assert TokenSelector(SamplingOptions(), 1, "cpu")(logits).tolist() == [0]
+    assert TokenSelector(SamplingOptions(repetition_penalty=1.0), 1, "cpu")(logits).tolist() == [0]
     for bad in (0.5, float("nan")):
         with pytest.raises(ValueError, match="repetition_penalty"):
             SamplingOptions(repetition_penalty=bad)
@@ -156,7 +156,7 @@ def test_repetition_penalty_lowers_the_tokens_a_row_already_produced():
     assert select(rows).tolist() == [0, 2]
     assert select(rows).tolist() == [1, 3]  # 2.0 / 2 < 1.5 and 3.0 / 2 < 2.0
     assert select(rows).tolist() == [0, 2]  # once per token, not compounded: 1.0 > 0.75
-    plain = TokenSelector(SamplingOptions(), 2, "cpu")
+    plain = TokenSelector(SamplingOptions(repetition_penalty=1.0), 2, "cpu")
     assert [plain(rows).tolist() for _ in range(3)] == [[0, 2]] * 3
 
 
@@ -176,6 +176,15 @@ def test_the_engine_applies_the_repetition_penalty_at_every_step(tiny_model):
     penalized = engine(tiny_model, sampling=options, speech=False, max_new_tokens=10)
     answers = penalized.answer([audio, tone(0.5, 500)])
     assert [a.token_ids for a in answers] == [list(range(10))] * 2
+    # No penalty chosen: the model's own (its config) applies; an explicit 1 turns it off.
+    tiny_model.config.llm.repetition_penalty = 2.0
+    own = engine(tiny_model, speech=False, max_new_tokens=10).answer([audio])
+    assert own[0].token_ids == list(range(10))
+    off = engine(tiny_model, sampling=SamplingOptions(repetition_penalty=1.0), speech=False,
+                 max_new_tokens=10).answer([audio])
+    assert off[0].token_ids == [0] * 10
+    with pytest.raises(ValueError, match="resolve the repetition penalty"):
+        TokenSelector(SamplingOptions(), 1, "cpu")
 
 
 def test_events_are_typed_ordered_and_stamped(tiny_omni, tiny_vocoder):

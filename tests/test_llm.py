@@ -148,6 +148,7 @@ def test_config_round_trip_and_validation():
     config = LLMConfig(source="some/dir", hidden_size=4096, stop_token_ids=[128001, 128009])
     assert config.stop_token_ids == (128001, 128009)
     assert LLMConfig.from_dict(config.to_dict()) == config
+    assert config.repetition_penalty == 1.0  # configs saved before the field: plain greedy
     bad = [
         dict(source=""),
         dict(source="packaged:gpt5"),
@@ -156,6 +157,8 @@ def test_config_round_trip_and_validation():
         dict(system_prompt="hi <speech>"),
         dict(stop_token_ids=(-1,)),
         dict(pad_token_id=True),
+        dict(repetition_penalty=0.9),
+        dict(repetition_penalty=float("inf")),
     ]
     for change in bad:
         with pytest.raises(ValueError):

@@ -49,8 +49,10 @@ def chat(
         float, typer.Option(help="Nucleus sampling mass (with temperature > 0).")
     ] = 0.7,
     repetition_penalty: Annotated[
-        float, typer.Option(help="> 1 makes tokens the answer already holds less likely; 1 = off.")
-    ] = 1.0,
+        float | None,
+        typer.Option(help="> 1 makes tokens the answer already holds less likely; 1 = off; "
+                     "default: the model's own (its config's llm.repetition_penalty)."),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 512,
     as_json: Annotated[
         bool,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from pathlib import Path
 from typing import Annotated
@@ -43,9 +44,10 @@ def evaluate(
         help="Where to write report.md, summary.json and the plot; default OUT/report.")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N items only.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 512,
-    repetition_penalty: Annotated[float, typer.Option(
+    repetition_penalty: Annotated[float | None, typer.Option(
         help="> 1 makes tokens an answer already holds less likely (model and cascade); "
-             "1 = off, the paper's greedy decoding.")] = 1.0,
+             "1 = off, the paper's greedy decoding; default: the model's own "
+             "(its config's llm.repetition_penalty).")] = None,
     asr_model: Annotated[Path | None, typer.Option(
         help="CTranslate2 Whisper directory for ASR scoring; default the packaged base.")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch and the scorers.")] = 2,
@@ -67,7 +69,8 @@ def evaluate(
     try:
         options = EvalOptions(
             tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), chunk_sizes=omegas,
-            max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+            max_new_tokens=max_new_tokens,
+            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
             baseline=baseline == "cascade", judge_url=judge, judge_model=judge_model,
             asr_model=str(asr_model) if asr_model else None, threads=threads, device=device,
         )
@@ -76,6 +79,10 @@ def evaluate(
     set_threads(threads)
     set_name, items = load_set(eval_set, limit)
     model, voice, model_label, voice_label = _load(checkpoint, vocoder, device, dtype)
+    if repetition_penalty is None:
+        options = dataclasses.replace(
+            options, repetition_penalty=model.config.llm.repetition_penalty
+        )
     name = checkpoint.removeprefix(PRESET_PREFIX) if checkpoint.startswith(PRESET_PREFIX) \
         else Path(checkpoint).name
     out = out or Path("runs/eval") / name
@@ -88,7 +95,7 @@ def evaluate(
         "cascade": (f"ASR -> {cascade_llm or 'its own LLM'} -> TTS {options.cascade_voice}, "
                     "spoken sentence by sentence") if options.baseline else "not run",
         "max_new_tokens": max_new_tokens, "device": f"{device} ({threads} threads)",
-        "repetition_penalty": repetition_penalty,
+        "repetition_penalty": options.repetition_penalty,
     }
     cascade_model = with_llm(model, cascade_llm) if cascade_llm and options.baseline else None
     evaluator = Evaluator(model, voice, options, out, run_info, cascade_model)

@@ -223,7 +223,8 @@ class Engine:
         """
         llm, opts = self.model.llm, self.options
         batch = embeds.shape[0]
-        select = TokenSelector(opts.sampling, batch, embeds.device)
+        sampling = opts.sampling.for_model(self.model.config.llm.repetition_penalty)
+        select = TokenSelector(sampling, batch, embeds.device)
         stop_ids = torch.tensor(sorted(llm.stop_token_ids), device=embeds.device)
         pad_id = llm.pad_token_id if llm.pad_token_id is not None else int(stop_ids[0])
         texts = [Detokenizer(llm.tokenizer) for _ in range(batch)]

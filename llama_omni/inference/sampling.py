@@ -11,7 +11,7 @@ backbones otherwise tend to repeat a phrase until the token limit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,12 +21,13 @@ from llama_omni.configbase import require
 @dataclass(frozen=True)
 class SamplingOptions:
     """temperature 0 means greedy; top_p 1 disables the nucleus filter; repetition_penalty
-    1 disables the penalty on tokens the answer already holds."""
+    1 disables the penalty on tokens the answer already holds, None takes the model's own
+    (`LLMConfig.repetition_penalty`, see `for_model`)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
 
     def __post_init__(self) -> None:
         require(
@@ -36,9 +37,16 @@ class SamplingOptions:
         require(0 < self.top_p <= 1, f"top_p must lie in (0, 1], got {self.top_p}")
         require(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
         require(
-            math.isfinite(self.repetition_penalty) and self.repetition_penalty >= 1,
+            self.repetition_penalty is None
+            or (math.isfinite(self.repetition_penalty) and self.repetition_penalty >= 1),
             f"repetition_penalty must be >= 1 (1 = off), got {self.repetition_penalty}",
         )
+
+    def for_model(self, model_penalty: float) -> SamplingOptions:
+        """These options with the model's repetition penalty where none was chosen."""
+        if self.repetition_penalty is not None:
+            return self
+        return replace(self, repetition_penalty=model_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -77,6 +85,8 @@ class TokenSelector:
     """Greedy or sampled choice of the next token for each row of a batch."""
 
     def __init__(self, options: SamplingOptions, batch_size: int, device: torch.device | str):
+        if options.repetition_penalty is None:
+            raise ValueError("resolve the repetition penalty first: options.for_model(...)")
         self.options = options
         self.seen: torch.Tensor | None = None  # [B, V] tokens each row produced, if penalized
         self.generators: list[torch.Generator] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ class LLMConfig(ConfigBase):
     directory when there is one), a packaged model ("packaged:smollm2-135m-instruct"), or
     "embedded" (the `llm/` folder of the checkpoint directory).
     stop_token_ids: empty means the backbone's eos ids (generation_config + config).
+    repetition_penalty: the decoding this checkpoint is meant to be run with (1 = the
+    paper's plain greedy); chat, the server, the web demo and the harness use it unless a
+    request sets its own. A small backbone tuned briefly may loop on a phrase without it.
     The prompt defaults are the published LLaMA-Omni checkpoint's.
     """
 
@@ -54,6 +58,7 @@ class LLMConfig(ConfigBase):
     instruction: str = DEFAULT_INSTRUCTION
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         self.stop_token_ids = tuple(self.stop_token_ids)
@@ -85,6 +90,12 @@ class LLMConfig(ConfigBase):
         require(
             self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0),
             f"LLMConfig.pad_token_id must be None or a token id, got {self.pad_token_id!r}",
+        )
+        require(
+            isinstance(self.repetition_penalty, (int, float))
+            and not isinstance(self.repetition_penalty, bool)
+            and math.isfinite(self.repetition_penalty) and self.repetition_penalty >= 1,
+            f"LLMConfig.repetition_penalty must be >= 1 (1 = off), got {self.repetition_penalty!r}",
         )
 
 

@@ -189,7 +189,7 @@ def create_app(
         request: Request,
         temperature: float = 0.0,
         top_p: float = 0.7,
-        repetition_penalty: float = 1.0,
+        repetition_penalty: float | None = None,
         max_new_tokens: int = 512,
         chunk_size: str = "40",
         sample_rate: int = 16000,

@@ -105,8 +105,9 @@ def build_demo(scheduler: Scheduler, limits: ServerLimits, title: str = "LLaMA-O
                     0, 1, value=0.0, step=0.05, label="Temperature (0 = greedy)"
                 )
                 top_p = gr.Slider(0.05, 1, value=0.7, step=0.05, label="Top-p")
-                repetition_penalty = gr.Slider(
-                    1, 2, value=1.0, step=0.05, label="Repetition penalty (1 = off)"
+                repetition_penalty = gr.Slider(  # starts at the model's own
+                    1, 2, value=scheduler.model.config.llm.repetition_penalty, step=0.05,
+                    label="Repetition penalty (1 = off)",
                 )
                 max_new_tokens = gr.Slider(
                     1,

@@ -195,7 +195,7 @@ def session_object(session_id: str, settings: SessionSettings) -> dict[str, Any]
         "max_output_tokens": settings.max_new_tokens,
         "temperature": settings.temperature,
         "top_p": settings.top_p,
-        "repetition_penalty": settings.repetition_penalty,
+        "repetition_penalty": settings.repetition_penalty,  # null: the model's own
         "chunk_size": "inf" if settings.chunk_size is None else settings.chunk_size,
         "audio": {
             "input": {

@@ -77,7 +77,7 @@ class SessionSettings:
     output_rate: int = SAMPLE_RATE
     temperature: float = 0.0
     top_p: float = 0.7
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None  # None: the model's own
     max_new_tokens: int = 512
     chunk_size: int | None = 40  # Omega; None vocodes once at the end
     audio: bool = True  # False: text (and no speech decoding)
