@@ -3,8 +3,9 @@
 # LLM states of every answer token, and its answers follow the backbone's own (plain-text)
 # answers, which the shipped speech decoder never saw. This leg trains the shipped decoder
 # further on the candidate's teacher-forced states of the stage-1 data's answers (their
-# hibari units), measures held-out units ASR-WER before and after, and assembles
-# runs/candidate2/default-model (the candidate's adaptor and LoRA + the new decoder).
+# hibari units), measures held-out units ASR-WER before and after, and assembles OUT
+# (the candidate's adaptor and LoRA + the new decoder). Candidate 4, the default model
+# since the 19th session, came from CANDIDATE=runs/candidate3/default-model.
 # The training resumes from its checkpoints: after a kill, run it again.
 #
 #   nohup bash scripts/build_default_stage2.sh > runs/stage2-build.log 2>&1 &
