@@ -14,7 +14,8 @@
 #
 # Then evaluate runs/candidate/default-model (README, "Evaluation") before installing it
 # with scripts/build_default_model.py --out llama_omni/weights/default-model.
-# Environment: STEPS (stage-1 steps, default 300), ALIGN_STEPS (default 200), THREADS
+# Environment: SKIP_DATA=1 (the data build finished or was stopped: start at the mix),
+# STEPS (stage-1 steps, default 300), ALIGN_STEPS (default 200), THREADS
 # (default 2), PRECISION (default bf16 where the CPU has bf16 instructions, else fp32:
 # emulated bf16 is 10-20x slower), ALIGN / STAGE1 / CANDIDATE (the run directories: a
 # new name starts a new run; the same name resumes). It starts from the shipped model's
@@ -36,14 +37,19 @@ STAGE1="${STAGE1:-runs/small-cpu/stage1-mixed-ad}"
 CANDIDATE="${CANDIDATE:-runs/candidate/default-model}"
 export OMP_NUM_THREADS=1
 
-echo "== 1/5 data (rewrite, respond, synthesize, units; two shards side by side)"
-pids=()
-for shard in 0 1; do
-  "$BIN/llama-omni" data build configs/data/sharegpt-default.yaml \
-    --shard "$shard/2" &
-  pids+=("$!")
-done
-for pid in "${pids[@]}"; do wait "$pid"; done   # a failed shard stops the script
+if [ "${SKIP_DATA:-0}" = 1 ]; then
+  echo "== 1/5 data: skipped (SKIP_DATA=1), using $DATA as it is"
+  [ -f "$DATA/manifest.jsonl" ] || { echo "no $DATA/manifest.jsonl: build the data first" >&2; exit 1; }
+else
+  echo "== 1/5 data (rewrite, respond, synthesize, units; two shards side by side)"
+  pids=()
+  for shard in 0 1; do
+    "$BIN/llama-omni" data build configs/data/sharegpt-default.yaml \
+      --shard "$shard/2" &
+    pids+=("$!")
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done   # a failed shard stops the script
+fi
 
 echo "== 2/5 task mix (each item as 'repeat the question' and as 'answer it')"
 "$BIN/python" scripts/repeat_task.py --data "$DATA" --mix-answers \
