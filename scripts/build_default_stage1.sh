@@ -21,7 +21,7 @@
 # new name starts a new run; the same name resumes). It starts from the shipped model's
 # adaptor: to repeat the run that made candidate 1 (shipped since ed26254) exactly, first
 # `git checkout dbac423 -- llama_omni/weights/default-model`; candidate 3 started from
-# the adaptor shipped at ed26254.
+# the adaptor shipped at ed26254, candidate 5 from the one shipped at 5dc7ef3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-300}"
