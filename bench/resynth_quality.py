@@ -11,7 +11,11 @@ units per second after merging; codebook usage.
 
     python bench/resynth_quality.py --corpus runs/voice/corpus [--n 100]
     python bench/resynth_quality.py --split dev --variants whole --vocoder DIR   # choosing
+    python bench/resynth_quality.py --answers runs/data/sharegpt-default --n 30
 
+--answers scores the spoken answers of a data build instead: the response audio of its
+held-out items (the split training holds out: 10 %, the first --n), which are longer
+than the corpus sentences and hold digits and names.
 Choose between vocoders (checkpoints, settings) on the dev split, with --variants whole
 for speed, and measure the chosen one once on test.
 """
@@ -30,9 +34,11 @@ from tqdm import tqdm
 
 from llama_omni.inference.vocoder_stream import StreamingVocoder, VocoderStreamOptions
 from llama_omni.model.vocoder import load_vocoder
+from llama_omni.data.manifest import read_manifest as read_data_manifest
+from llama_omni.train.data import is_heldout
 from llama_omni.train.voice_corpus import read_manifest
 from llama_omni.units.extract import DEFAULT_UNITS_DIR, UnitExtractor
-from llama_omni.units.quality import Transcriber, corpus_wer, dnsmos
+from llama_omni.units.quality import ASR, corpus_wer, dnsmos
 
 OMEGAS = (10, 40)
 VARIANTS = ("source", "whole", "whole_true_durations",
@@ -69,9 +75,25 @@ def render(variant: str, vocoder, source: np.ndarray, units: np.ndarray,
     return chunked(vocoder, units, omega) if kind == "omega" else seamless(vocoder, units, omega)
 
 
+def heldout_sentences(args: argparse.Namespace) -> list[tuple[str, Path, str]]:
+    """(id, 16 kHz audio path, text) of the sentences to score."""
+    if args.answers is None:
+        test = read_manifest(args.corpus, args.split)[:args.n]
+        return [(u.id, u.wav_path(args.corpus), u.text) for u in test]
+    held = [item for item in read_data_manifest(args.answers)
+            if is_heldout(item["id"], HELDOUT_FRACTION)][:args.n]
+    return [(item["id"], args.answers / answer["audio"], answer["text"])
+            for item in held for answer in item["turns"][1:2] if answer.get("audio")]
+
+
+HELDOUT_FRACTION = 0.1  # the training configs' data.eval_fraction
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", type=Path, default=Path("runs/voice/corpus"))
+    parser.add_argument("--answers", type=Path, default=None,
+                        help="a data build directory: score its held-out spoken answers")
     parser.add_argument("--units-model", type=Path, default=DEFAULT_UNITS_DIR)
     parser.add_argument("--vocoder", type=Path, default=DEFAULT_UNITS_DIR.parent / "vocoder-hibari")
     parser.add_argument("--n", type=int, default=100, help="held-out sentences to score")
@@ -89,18 +111,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.monotonic()
 
-    test = read_manifest(args.corpus, args.split)[:args.n]
+    test = heldout_sentences(args)
     if not test:
-        raise SystemExit(f"{args.corpus}: no {args.split} sentences")
+        raise SystemExit(f"{args.answers or args.corpus}: no held-out sentences with audio")
     extractor = UnitExtractor.load(args.units_model)
     vocoder = load_vocoder(args.vocoder)
-    asr = Transcriber(threads=args.threads)
+    asr = ASR(threads=args.threads)
     hyps: dict[str, list[str]] = {v: [] for v in variants}
     mos: dict[str, list[dict]] = {v: [] for v in variants}
     counts = np.zeros(extractor.config.num_units)
     n_units, seconds = 0, 0.0
-    for utt in tqdm(test, desc="resynth", unit="utt"):
-        source, _ = sf.read(utt.wav_path(args.corpus), dtype="float32")
+    for utt_id, path, _ in tqdm(test, desc="resynth", unit="utt"):
+        source, rate = sf.read(path, dtype="float32")
+        if rate != 16000:
+            raise SystemExit(f"{path}: {rate} Hz audio, the units model reads 16 kHz")
         units, durations = extractor(source)
         np.add.at(counts, units, 1)
         n_units, seconds = n_units + len(units), seconds + len(source) / 16000
@@ -110,11 +134,11 @@ def main() -> None:
             mos[name].append(dnsmos(wave))
             if args.save_wavs:
                 args.save_wavs.mkdir(parents=True, exist_ok=True)
-                sf.write(args.save_wavs / f"{utt.id}_{name}.wav", wave, 16000)
-    texts = [u.text for u in test]
+                sf.write(args.save_wavs / f"{utt_id}_{name}.wav", wave, 16000)
+    texts = [text for _, _, text in test]
     probs = counts[counts > 0] / counts.sum()
     result = dict(
-        sentences=len(test), split=args.split,
+        sentences=len(test), split="answers" if args.answers else args.split,
         units_model=str(args.units_model), vocoder=str(args.vocoder),
         wer={v: round(corpus_wer(texts, hyps[v]), 2) for v in variants},
         dnsmos={v: {k: round(float(np.mean([m[k] for m in mos[v]])), 3) for k in mos[v][0]}

@@ -15,9 +15,9 @@ TEXT = ("The weather is lovely today. Please open the kitchen window. "
 
 @pytest.fixture(scope="module")
 def transcribe():
-    from llama_omni.units.quality import Transcriber
+    from llama_omni.units.quality import ASR
 
-    return Transcriber(threads=1)
+    return ASR(threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -77,11 +77,14 @@ def test_units_scored_through_vocoder_and_asr(tmp_path, monkeypatch):
     heard = []
 
     class FakeASR:
+        def __init__(self, **options):
+            pass
+
         def __call__(self, audio):
             heard.append(len(audio))
             return "the cat sleeps"
 
-    monkeypatch.setattr(heldout, "Transcriber", FakeASR)
+    monkeypatch.setattr(heldout, "ASR", FakeASR)
     llm_dir = save_small_vocab_llm(tmp_path / "llm")
     data = write_manifest(tmp_path / "data", items=2)
     cfg = tiny_config(tmp_path, llm_dir, data, "stage2",

@@ -3,12 +3,14 @@
 Numbers, currency, percentages, ordinals, times and common symbols are spelled out;
 markdown (fences, emphasis, bullets, headers, links) and brackets are removed, because
 neither the instruction voices nor the response voice read them sensibly. The same
-rules serve the rule-based rewriter and the cleanup of LLM replies.
+rules serve the rule-based rewriter and the cleanup of LLM replies, and ASR-WER scoring
+(`normalize_english`), so "$5" in a text and "five dollars" in its transcript agree.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
          "fourteen fifteen sixteen seventeen eighteen nineteen").split()
@@ -210,3 +212,26 @@ def unreadable(text: str) -> str | None:
     if re.search(r"[*#`_\[\]{}()<>|\\]", text):
         return "markup"
     return None
+
+
+# Scoring: the words of a text and of its transcript, compared by ASR-WER
+_ANNOTATION = re.compile(r"\[[^\]]*\]|<[^>]*>")  # ASR tags like [music], <unk>: not speech
+_SEPARATORS = re.compile(r"[-_/]")
+_NOT_WORD = re.compile(r"[^a-z0-9' ]+")
+_FILLERS = frozenset(["uh", "um", "umm", "uhm", "hmm", "hm", "mm", "mhm", "er", "erm", "ah"])
+
+
+def normalize_english(text: str) -> str:
+    """Lower-case words for scoring, so only what a listener hears differs.
+
+    Markup goes, numbers, currency and symbols become words (the same rules that prepare
+    text for our TTS, so "$5" and "five dollars" agree), accents and punctuation go
+    (apostrophes inside words stay), hyphens and slashes split words, and hesitation
+    fillers ("uh", "um") are dropped.
+    """
+    text = _ANNOTATION.sub(" ", text.replace("\u2019", "'").replace("\u2018", "'"))
+    text = normalize_for_tts(text)
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = _NOT_WORD.sub(" ", _SEPARATORS.sub(" ", text.lower()))
+    words = (w.strip("'") for w in text.split())
+    return " ".join(w for w in words if w and w not in _FILLERS)

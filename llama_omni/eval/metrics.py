@@ -15,42 +15,18 @@
 
 from __future__ import annotations
 
-import re
 import statistics
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 
-from llama_omni.data.normalize import normalize_for_tts
+from llama_omni.data.normalize import normalize_english
 from llama_omni.inference.events import Answer
+from llama_omni.units.quality import ASR
 
 SAMPLE_RATE = 16000
-_ANNOTATION = re.compile(r"\[[^\]]*\]|<[^>]*>")  # ASR tags like [music], <unk>: not speech
-_SEPARATORS = re.compile(r"[-_/]")
-_NOT_WORD = re.compile(r"[^a-z0-9' ]+")
-_FILLERS = frozenset(["uh", "um", "umm", "uhm", "hmm", "hm", "mm", "mhm", "er", "erm", "ah"])
-
-
-def normalize_english(text: str) -> str:
-    """Lower-case words for scoring, so only what a listener hears differs.
-
-    Markup goes, numbers, currency and symbols become words (the same rules that prepare
-    text for our TTS, so "$5" and "five dollars" agree), accents and punctuation go
-    (apostrophes inside words stay), hyphens and slashes split words, and hesitation
-    fillers ("uh", "um") are dropped.
-    """
-    text = _ANNOTATION.sub(" ", text.replace("\u2019", "'").replace("\u2018", "'"))
-    text = normalize_for_tts(text)
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    text = _NOT_WORD.sub(" ", _SEPARATORS.sub(" ", text.lower()))
-    words = (w.strip("'") for w in text.split())
-    return " ".join(w for w in words if w and w not in _FILLERS)
-
-
 @dataclass(frozen=True)
 class ErrorCounts:
     """Edit operations (substitutions + deletions + insertions) and reference lengths."""
@@ -97,41 +73,6 @@ def median_item_wer(counts: Iterable[ErrorCounts | None]) -> float | None:
     WER, the median shows what a typical answer sounds like."""
     rates = [100.0 * c.word_errors / c.words for c in counts if c is not None]
     return statistics.median(rates) if rates else None
-
-
-class ASR:
-    """English transcription with faster-whisper, greedy and without context, so a score
-    does not depend on earlier items. model_dir: a CTranslate2 Whisper directory (default
-    the packaged Whisper base; large-v3 where a user has it)."""
-
-    def __init__(self, model_dir: str | Path | None = None, *, device: str = "cpu",
-                 compute_type: str = "int8", threads: int = 1, beam_size: int = 1):
-        self.model_dir, self.device, self.compute_type = model_dir, device, compute_type
-        self.threads, self.beam_size = threads, beam_size
-
-    @cached_property
-    def _model(self):
-        try:
-            from faster_whisper import WhisperModel
-        except ImportError:
-            raise ImportError("ASR scoring needs faster-whisper: `pip install faster-whisper`") from None
-        from llama_omni.packaged import whisper_base_dir
-
-        return WhisperModel(str(self.model_dir or whisper_base_dir()), device=self.device,
-                            compute_type=self.compute_type, cpu_threads=self.threads)
-
-    @property
-    def name(self) -> str:
-        return Path(self.model_dir).name if self.model_dir else "whisper-base (packaged)"
-
-    def __call__(self, audio: np.ndarray) -> str:
-        """16 kHz mono float32 -> text ("" for silence or empty audio)."""
-        if len(audio) == 0:
-            return ""
-        segments, _ = self._model.transcribe(
-            np.asarray(audio, dtype=np.float32), language="en", beam_size=self.beam_size,
-            temperature=0.0, condition_on_previous_text=False, vad_filter=False)
-        return " ".join(s.text.strip() for s in segments).strip()
 
 
 MIN_MOS_SECONDS = 0.25  # shorter answers get no MOS: DNSMOS would score mostly padding

@@ -29,12 +29,12 @@ from llama_omni.model.omni import OmniModel
 from llama_omni.train.batches import SpeechTextCollator, SpeechTextExample
 from llama_omni.train.data import Conversation, tokenize
 from llama_omni.train.stage1 import Stage1Module, answer_states
-from llama_omni.units.quality import Transcriber, corpus_wer, normalize_text
+from llama_omni.units.quality import ASR, corpus_wer, words_to_score
 
 
 def rouge_l(reference: str, hypothesis: str) -> float:
     """F1 of the longest common word subsequence (words as in the ASR scoring)."""
-    ref, hyp = normalize_text(reference), normalize_text(hypothesis)
+    ref, hyp = words_to_score(reference), words_to_score(hypothesis)
     if not ref or not hyp:
         return float(ref == hyp)
     prev = [0] * (len(hyp) + 1)
@@ -157,7 +157,7 @@ def evaluate(
         for example, text, score in zip(examples, texts, scores):
             example.update(answer=text, rouge_l=round(score, 4))
     if vocoder is not None:
-        asr = Transcriber()
+        asr = ASR(threads=torch.get_num_threads())
 
         def transcribe(units: list[int]) -> str:
             wave = vocoder.vocode(units)

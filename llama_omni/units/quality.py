@@ -1,26 +1,25 @@
-"""Measures of what units keep: ASR word error rate (faster-whisper) and DNSMOS (speechmos)."""
+"""Measures of what units keep: ASR word error rate (faster-whisper, the same ASR and
+word normalization as the evaluation harness) and DNSMOS (speechmos)."""
 
 from __future__ import annotations
 
 import functools
-import re
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-_NOT_WORD = re.compile(r"[^a-z0-9' ]+")
+from llama_omni.data.normalize import normalize_english
 
 
-def normalize_text(text: str) -> list[str]:
-    """Lower case, punctuation and hyphens to spaces, quote marks dropped: the words to score."""
-    text = _NOT_WORD.sub(" ", text.lower().replace("-", " "))
-    return [w.strip("'") for w in text.split() if w.strip("'")]
+def words_to_score(text: str) -> list[str]:
+    """The words that ASR-WER compares (`normalize_english`: the evaluation harness's)."""
+    return normalize_english(text).split()
 
 
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(edit distance in words, reference words) after `normalize_text`."""
-    ref, hyp = normalize_text(reference), normalize_text(hypothesis)
+    """(edit distance in words, reference words) after `words_to_score`."""
+    ref, hyp = words_to_score(reference), words_to_score(hypothesis)
     prev = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         cur = [i] + [0] * len(hyp)
@@ -36,11 +35,15 @@ def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
     return 100.0 * sum(e for e, _ in pairs) / max(1, sum(n for _, n in pairs))
 
 
-class Transcriber:
-    """English greedy transcription with faster-whisper on the packaged Whisper base model."""
+class ASR:
+    """English transcription with faster-whisper, greedy and without context, so a score
+    does not depend on earlier items. model_dir: a CTranslate2 Whisper directory (default
+    the packaged Whisper base; large-v3 where a user has it)."""
 
-    def __init__(self, model_dir: str | None = None, threads: int = 2):
-        self.model_dir, self.threads = model_dir, threads
+    def __init__(self, model_dir: str | Path | None = None, *, device: str = "cpu",
+                 compute_type: str = "int8", threads: int = 1, beam_size: int = 1):
+        self.model_dir, self.device, self.compute_type = model_dir, device, compute_type
+        self.threads, self.beam_size = threads, beam_size
 
     @cached_property
     def _model(self):
@@ -50,16 +53,21 @@ class Transcriber:
             raise ImportError("ASR scoring needs faster-whisper: `pip install faster-whisper`") from None
         from llama_omni.packaged import whisper_base_dir
 
-        return WhisperModel(str(self.model_dir or whisper_base_dir()), device="cpu",
-                            compute_type="int8", cpu_threads=self.threads)
+        return WhisperModel(str(self.model_dir or whisper_base_dir()), device=self.device,
+                            compute_type=self.compute_type, cpu_threads=self.threads)
+
+    @property
+    def name(self) -> str:
+        return Path(self.model_dir).name if self.model_dir else "whisper-base (packaged)"
 
     def __call__(self, audio: np.ndarray) -> str:
-        segments, _ = self._model.transcribe(np.asarray(audio, dtype=np.float32), language="en",
-                                             beam_size=1, temperature=0.0,
-                                             condition_on_previous_text=False,
-                                             without_timestamps=True, max_new_tokens=128,
-                                             vad_filter=False)
-        return " ".join(s.text.strip() for s in segments)
+        """16 kHz mono float32 -> text ("" for silence or empty audio)."""
+        if len(audio) == 0:
+            return ""
+        segments, _ = self._model.transcribe(
+            np.asarray(audio, dtype=np.float32), language="en", beam_size=self.beam_size,
+            temperature=0.0, condition_on_previous_text=False, vad_filter=False)
+        return " ".join(s.text.strip() for s in segments).strip()
 
 
 def dnsmos(audio: np.ndarray, sample_rate: int = 16000) -> dict[str, float]:

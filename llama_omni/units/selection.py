@@ -19,7 +19,7 @@ from llama_omni.train.voice_corpus import Utterance
 from llama_omni.units.corpus_features import CorpusFeatures
 from llama_omni.units.extract import merge_repeats
 from llama_omni.units.kmeans import train_kmeans
-from llama_omni.units.quality import Transcriber, corpus_wer
+from llama_omni.units.quality import ASR, corpus_wer
 
 MEL_PER_FRAME = 2  # log-mel frames (10 ms) per encoder frame (20 ms)
 
@@ -52,7 +52,7 @@ def compare(root, features: CorpusFeatures, train: list[Utterance], dev: list[Ut
             candidates: list[tuple[int, int]], fit_frames: int = 100_000,
             seed: int = 0) -> list[dict]:
     """One row per (layer, K) plus the unquantized floor: ASR-WER and merged units per second."""
-    asr = Transcriber()
+    asr = ASR(threads=2)
     audio = {u.id: sf.read(u.wav_path(root), dtype="float32")[0] for u in train + dev}
     n = {u.id: features.rows[u.id][1] - features.rows[u.id][0] for u in train + dev}
     mels = {i: frame_mels(audio[i], n[i]) for i in tqdm(audio, desc="log-mel")}
