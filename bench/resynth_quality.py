@@ -38,7 +38,7 @@ from llama_omni.data.manifest import read_manifest as read_data_manifest
 from llama_omni.train.data import is_heldout
 from llama_omni.train.voice_corpus import read_manifest
 from llama_omni.units.extract import DEFAULT_UNITS_DIR, UnitExtractor
-from llama_omni.units.quality import ASR, corpus_wer, dnsmos
+from llama_omni.units.quality import ASR, corpus_wer, dnsmos, median_wer
 
 OMEGAS = (10, 40)
 VARIANTS = ("source", "whole", "whole_true_durations",
@@ -141,6 +141,7 @@ def main() -> None:
         sentences=len(test), split="answers" if args.answers else args.split,
         units_model=str(args.units_model), vocoder=str(args.vocoder),
         wer={v: round(corpus_wer(texts, hyps[v]), 2) for v in variants},
+        wer_median={v: round(median_wer(texts, hyps[v]), 2) for v in variants},
         dnsmos={v: {k: round(float(np.mean([m[k] for m in mos[v]])), 3) for k in mos[v][0]}
                 for v in variants},
         units_per_second=round(n_units / seconds, 2),

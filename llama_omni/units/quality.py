@@ -35,6 +35,14 @@ def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
     return 100.0 * sum(e for e, _ in pairs) / max(1, sum(n for _, n in pairs))
 
 
+def median_wer(references: list[str], hypotheses: list[str]) -> float:
+    """Median over pairs of each pair's WER in percent: one transcript that loops (Whisper
+    can repeat a phrase far past the audio) cannot dominate it as it can `corpus_wer`."""
+    rates = [100.0 * e / n for e, n in (word_errors(r, h) for r, h in
+                                        zip(references, hypotheses, strict=True)) if n]
+    return float(np.median(rates)) if rates else 0.0
+
+
 class ASR:
     """English transcription with faster-whisper, greedy and without context, so a score
     does not depend on earlier items. model_dir: a CTranslate2 Whisper directory (default
