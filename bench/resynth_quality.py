@@ -32,15 +32,16 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from llama_omni.data.manifest import read_manifest as read_data_manifest
 from llama_omni.inference.vocoder_stream import StreamingVocoder, VocoderStreamOptions
 from llama_omni.model.vocoder import load_vocoder
-from llama_omni.data.manifest import read_manifest as read_data_manifest
 from llama_omni.train.data import is_heldout
 from llama_omni.train.voice_corpus import read_manifest
 from llama_omni.units.extract import DEFAULT_UNITS_DIR, UnitExtractor
 from llama_omni.units.quality import ASR, corpus_wer, dnsmos, median_wer
 
 OMEGAS = (10, 40)
+HELDOUT_FRACTION = 0.1  # --answers: the training configs' data.eval_fraction
 VARIANTS = ("source", "whole", "whole_true_durations",
             *(f"{kind}{o}" for kind in ("omega", "seamless") for o in OMEGAS))
 
@@ -84,9 +85,6 @@ def heldout_sentences(args: argparse.Namespace) -> list[tuple[str, Path, str]]:
             if is_heldout(item["id"], HELDOUT_FRACTION)][:args.n]
     return [(item["id"], args.answers / answer["audio"], answer["text"])
             for item in held for answer in item["turns"][1:2] if answer.get("audio")]
-
-
-HELDOUT_FRACTION = 0.1  # the training configs' data.eval_fraction
 
 
 def main() -> None:
