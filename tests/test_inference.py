@@ -285,3 +285,34 @@ def test_token_input_decoder_streams_like_offline_and_reads_the_tokens(tiny_omni
     reference = offline_units(model, audio, answers[None].token_ids)
     assert answers[10].units == answers[None].units == reference
     assert reference != offline_units(tiny_omni, audio, answers[None].token_ids)
+
+
+def test_lookahead_decoder_streams_like_offline_when_requests_end_at_different_steps(
+    tiny_omni, tiny_vocoder
+):
+    """With lookahead a token's units wait for the next token; a request that ends while
+    the others go on must still get its last token's units, as offline decoding does."""
+    decoder, kept = tiny_omni.speech_decoder.reconfigured(lookahead=True)
+    assert kept
+    with torch.no_grad():
+        torch.manual_seed(4)
+        decoder.lookahead_proj.weight.normal_(std=0.2)  # zero so far
+    config = tiny_omni.config.replace(speech_decoder=decoder.config)
+    model = OmniModel(config, tiny_omni.encoder, tiny_omni.llm, tiny_omni.adaptor, decoder.eval())
+    audios = [tone(1.0, 220), tone(0.6, 440, seed=1), tone(1.3, 330, seed=2)]
+    alone = [engine(model, tiny_vocoder).answer([a])[0] for a in audios]
+    at1 = first_unique_token(alone, 1, start=2)
+    model = with_stop_ids(model, (alone[1].token_ids[at1],))
+    runs = {
+        (omega, mode): engine(model, tiny_vocoder, chunk_size=omega, decoder_mode=mode)
+        .answer(audios)
+        for omega, mode in [(10, "incremental"), (None, "incremental"), (10, "recompute")]
+    }
+    for b, audio in enumerate(audios):
+        reference = runs[None, "incremental"][b]
+        offline = offline_units(model, audio, reference.token_ids)
+        assert offline != offline_units(tiny_omni, audio, reference.token_ids)  # it reads ahead
+        for answer in (r[b] for r in runs.values()):
+            assert answer.token_ids == reference.token_ids
+            assert answer.units == offline
+    assert len(runs[None, "incremental"][1].token_ids) == at1 + 1 < 12  # ended early

@@ -282,3 +282,40 @@ def test_copy_position_starts_neutral_then_marks_each_copy_and_streams_like_one_
         with marked.streaming(batch_size=2):
             pieces = [marked(hidden[:, a:b])[0] for a, b in [(0, 1), (1, 4), (4, 6)]]
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_lookahead_starts_neutral_then_reads_the_next_token_and_streams_like_one_shot():
+    torch.manual_seed(6)
+    decoder = SpeechDecoder(tiny(copy_position=True)).eval()
+    ahead, kept = decoder.reconfigured(lookahead=True)
+    assert kept and ahead.lookahead_proj.weight.abs().sum() == 0
+    hidden = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ahead(hidden)[0], decoder(hidden)[0])  # zero at first
+        ahead.lookahead_proj.weight.normal_(std=0.1)
+        ahead.copy_embedding.normal_()
+        full, lengths = ahead(hidden)
+        changed = hidden.clone()
+        changed[:, 4] += 1.0
+        moved = (ahead(changed)[0] - full).abs().amax(-1)  # [B, T]
+        assert moved[:, : 3 * 25].max() == 0  # tokens 0-2 never see token 4
+        assert moved[:, 3 * 25 : 4 * 25].min() > 0  # token 3 reads it as its next token
+        # A padded item: its last real token reads zeros, not the padding after it.
+        short, _ = ahead(hidden[:1, :4])
+        padded = torch.cat([hidden[:1, :4], torch.randn(1, 3, 64)], 1)
+        torch.testing.assert_close(ahead(padded, torch.tensor([4]))[0][:, : 4 * 25], short)
+        pieces, units = [], [[], []]
+        with ahead.streaming(batch_size=2):
+            for start, stop in [(0, 1), (1, 4), (4, 5), (5, 7)]:
+                log_probs, _ = ahead(hidden[:, start:stop])
+                assert log_probs.shape[1] == (stop - 1 - max(start - 1, 0)) * 25  # one token late
+                pieces.append(log_probs)
+                for b, new in enumerate(ahead.greedy_units(log_probs)):
+                    units[b].extend(new)
+            last, _ = ahead.flush()  # the last token, with zeros for its next one
+            pieces.append(last)
+            for b, new in enumerate(ahead.greedy_units(last)):
+                units[b].extend(new)
+            assert ahead.flush()[0].shape == (2, 0, 33)  # nothing waits any more
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    assert units == ahead.greedy_units(full, lengths)

@@ -5,6 +5,8 @@ predicted it. The speech decoder D turns it into units (incrementally: lambda ne
 positions per token on a KV cache; or, for comparison, the published way: a rerun over
 the whole prefix), units accumulate per request, and whenever a chunk is ready (Omega
 new units, optionally cut at a word end) the streaming vocoder turns it into audio.
+A decoder with one token of lookahead gives the units of the token before the new one,
+and, when a request's answer ends, those of its last token too.
 """
 
 from __future__ import annotations
@@ -32,17 +34,22 @@ class IncrementalUnits:
             raise RuntimeError("IncrementalUnits needs the decoder inside `decoder.streaming(B)`")
         self.decoder = decoder
 
-    def __call__(self, states: torch.Tensor) -> list[list[int]]:
-        """[B, D] states of the new token -> new units per row."""
-        log_probs, _ = self.decoder(states[:, None, :])  # [B, lambda, K+1]
-        return self.decoder.greedy_units(log_probs)
+    def __call__(self, states: torch.Tensor, finals: list[bool]) -> list[list[int]]:
+        """[B, D] states of the new token -> new units per row (rows in `finals` end here)."""
+        log_probs, _ = self.decoder(states[:, None, :])  # [B, lambda, K+1] (lookahead: 0 at first)
+        units = self.decoder.greedy_units(log_probs)
+        if self.decoder.config.lookahead and any(finals):
+            last = self.decoder.units_if_ended()
+            units = [u + tail if final else u for u, tail, final in zip(units, last, finals)]
+        return units
 
 
 class RecomputeUnits:
     """The published behaviour: run the decoder on the whole prefix again at every token.
 
     Because the decoder is causal, the units of the prefix never change; the new units
-    are what the collapsed sequence gained. Kept to test and benchmark against.
+    are what the collapsed sequence gained (with lookahead, the last token's units wait
+    until the next token or the end). Kept to test and benchmark against.
     """
 
     def __init__(self, decoder: SpeechDecoder, batch_size: int):
@@ -50,10 +57,15 @@ class RecomputeUnits:
         self.states: list[torch.Tensor] = []  # [B, D] per token
         self.counts = [0] * batch_size
 
-    def __call__(self, states: torch.Tensor) -> list[list[int]]:
+    def __call__(self, states: torch.Tensor, finals: list[bool]) -> list[list[int]]:
         self.states.append(states)
         hidden = torch.stack(self.states, dim=1)  # [B, M, D]
-        units = self.decoder.predict_units(hidden)
+        log_probs, lengths = self.decoder(hidden)  # [B, T, K+1], [B]
+        if self.decoder.config.lookahead:  # the last token's units wait for its next one
+            lam = self.decoder.config.upsample
+            waiting = torch.tensor([0 if final else lam for final in finals], device=lengths.device)
+            lengths = lengths - waiting
+        units = self.decoder.greedy_units(log_probs, lengths)
         new = [row[count:] for row, count in zip(units, self.counts)]
         self.counts = [len(row) for row in units]
         return new
@@ -129,17 +141,20 @@ class SpeechPath:
         token begins a new word; finals: the token is the row's last one (flush).
         """
         states = states.to(self.decoder.input_proj.weight.dtype)
-        new_units = self.units_of(states)
+        new_units = self.units_of(states, finals)
+        lookahead = self.decoder.config.lookahead  # new units: the previous token's
         events: list[Event] = []
         for b in range(self.batch_size):
             if not alive[b]:
                 continue
             track = self.tracks[b]
-            if word_starts[b]:
+            if word_starts[b] and not lookahead:
                 track.word_end = len(track.units)
             if new_units[b]:
                 track.units.extend(new_units[b])
                 events.append(Units(b, self.clock.ms(), tuple(new_units[b])))
+            if word_starts[b] and lookahead:
+                track.word_end = len(track.units)
             events.extend(self._audio(b, track, final=finals[b]))
         self.done_steps += 1
         return events

@@ -18,6 +18,7 @@ once the answer is W/lambda tokens long, and streaming still equals one-shot dec
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -64,6 +65,11 @@ class SpeechDecoderConfig(ConfigBase):
     # training only. A small decoder trained on a few thousand answers learns the training
     # answers far better than new ones (CTC loss ~1.4 against ~2.3 held out).
     dropout: float = 0.0
+    # Our models' option: one token of lookahead. The positions of token i also read the
+    # input of token i+1 (zeros after the last token) through `lookahead_proj`, which starts
+    # at zero. A token's sound depends on its neighbour (a word split into pieces, the
+    # joins between words); the price is that token i's units wait for token i+1.
+    lookahead: bool = False
 
     def __post_init__(self) -> None:
         for name in ("input_width", "n_layers", "width", "n_heads", "ffn", "upsample", "unit_vocab"):
@@ -313,6 +319,7 @@ class DecoderState:
     caches: list[LayerCache]
     positions: int = 0  # upsampled positions already in the cache
     last_symbol: torch.Tensor | None = None  # [B] argmax at the last position (for collapse)
+    pending: torch.Tensor | None = None  # [B, 1, Din] with lookahead: the token awaiting its next
 
 
 class SpeechDecoder(StreamingModule[DecoderState]):
@@ -325,6 +332,12 @@ class SpeechDecoder(StreamingModule[DecoderState]):
             nn.Parameter(torch.zeros(config.upsample, config.input_width, device=device, dtype=dtype))
             if config.copy_position else None
         )  # [lambda, Din]
+        self.lookahead_proj = (
+            nn.Linear(config.input_width, config.width, bias=False, device=device, dtype=dtype)
+            if config.lookahead else None
+        )
+        if self.lookahead_proj is not None:
+            nn.init.zeros_(self.lookahead_proj.weight)  # starts as the decoder without lookahead
         self.layers = nn.ModuleList(DecoderLayer(config, device, dtype) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.width, config.rms_eps, device, dtype) if config.final_norm else None
         self.output_proj = nn.Linear(config.width, config.unit_vocab + 1, device=device, dtype=dtype)
@@ -337,7 +350,8 @@ class SpeechDecoder(StreamingModule[DecoderState]):
 
         A wider input (e.g. switching token_input on) keeps the weights too: the new input
         columns start at zero, so the decoder starts out computing what it computed before;
-        so does switching copy_position on (its embedding starts at zero), and so does a
+        so do switching copy_position on (its embedding starts at zero) and lookahead on
+        (its projection starts at zero), and so does a
         deeper decoder: the added layers go on top with their attention and feed-forward
         output projections at zero, so each starts as the identity (its residual) and
         learns from there.
@@ -350,8 +364,9 @@ class SpeechDecoder(StreamingModule[DecoderState]):
         if new.shape[0] == old.shape[0] and new.shape[1] > old.shape[1]:
             extra = old.new_zeros(old.shape[0], new.shape[1] - old.shape[1])
             weights["input_proj.weight"] = torch.cat([old, extra], 1)  # [D, Din_new]
-        if decoder.copy_embedding is not None and "copy_embedding" not in weights:
-            weights["copy_embedding"] = decoder.copy_embedding.detach().clone()
+        for name in ("copy_embedding", "lookahead_proj.weight"):
+            if name in decoder.state_dict() and name not in weights:
+                weights[name] = decoder.state_dict()[name].clone()  # zeros: no change yet
         for i in range(self.config.n_layers, decoder.config.n_layers):
             layer = decoder.layers[i]
             nn.init.zeros_(layer.self_attn.o_proj.weight)
@@ -397,7 +412,9 @@ class SpeechDecoder(StreamingModule[DecoderState]):
         index = index.masked_fill(~valid, 0).clamp(max=max(tokens - 1, 0))
         out = torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         if self.copy_embedding is not None:
-            out = out + self.copy_embedding[copy_indices(index, lam)]
+            copies = self.copy_embedding[copy_indices(index, lam)]  # [B, T, Din]
+            # Only on the token's own input, not on the lookahead half after it.
+            out = out + F.pad(copies, (0, out.shape[-1] - copies.shape[-1]))
         return out.masked_fill(~valid[..., None], 0.0), up  # [B, T, D], [B]
 
     # -- forward ----------------------------------------------------------------------------
@@ -408,13 +425,17 @@ class SpeechDecoder(StreamingModule[DecoderState]):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward_upsampled(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, Din] upsampled states -> [B, T, K+1] float32 log-probabilities.
+        """[B, T, Din] upsampled states (with lookahead [B, T, 2 Din]: each position's token
+        input, then the next token's) -> [B, T, K+1] float32 log-probabilities.
 
         When streaming, `x` holds only the new positions and the KV cache supplies the rest.
         """
         state = self._streaming_state
         start = state.positions if state is not None else 0
-        h = self.input_proj(x)  # [B, T, D]
+        width = self.config.input_width
+        h = self.input_proj(x[..., :width])  # [B, T, D]
+        if self.lookahead_proj is not None:
+            h = h + self.lookahead_proj(x[..., width:])
         cos, sin = self._rope(start, h.shape[1], h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, state.caches[i] if state is not None else None)
@@ -438,8 +459,55 @@ class SpeechDecoder(StreamingModule[DecoderState]):
             )
         if self.is_streaming and (lengths is not None or target_lengths is not None):
             raise ValueError("streaming feeds whole new tokens: pass neither lengths nor target_lengths")
+        if self.lookahead_proj is not None:
+            hidden = self._with_next_inputs(hidden, lengths)  # [B, M', 2 Din]
+            if hidden.shape[1] == 0:  # streaming: the first token waits for the second
+                return self._no_positions(hidden.shape[0])
         x, out_lengths = self.upsample(hidden, lengths, target_lengths)
         return self.forward_upsampled(x), out_lengths
+
+    def _with_next_inputs(self, hidden: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """[B, M, Din] -> [B, M, 2 Din]: each token's input, then the next token's (zeros
+        after an item's last token). Streaming: the last token given is held back until the
+        next call (or `flush`), so the output covers the tokens before it."""
+        state = self._streaming_state
+        if state is not None:
+            seq = hidden if state.pending is None else torch.cat([state.pending, hidden], 1)
+            state.pending = seq[:, -1:]
+            return torch.cat([seq[:, :-1], seq[:, 1:]], -1)
+        tokens = hidden.shape[1]
+        ahead = F.pad(hidden[:, 1:], (0, 0, 0, 1))  # [B, M, Din]: token i+1's input at i
+        if lengths is not None:
+            index = torch.arange(tokens, device=hidden.device)[None, :]  # [1, M]
+            has_next = index + 1 < lengths[:, None].to(hidden.device)  # [B, M]
+            ahead = ahead * has_next[..., None].to(ahead.dtype)
+        return torch.cat([hidden, ahead], -1)
+
+    def _no_positions(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.output_proj.weight.device
+        log_probs = torch.zeros(batch, 0, self.config.unit_vocab + 1, device=device)  # [B, 0, K+1]
+        return log_probs, torch.zeros(batch, dtype=torch.long, device=device)
+
+    def flush(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streaming with lookahead: (log-probs [B, T, K+1], lengths [B]) of the last token
+        given, which waited for a next token that will not come (its lookahead input is
+        zeros, as after an answer's last token in training). Without lookahead, or with no
+        token waiting, no positions."""
+        state = self.streaming_state
+        pending, state.pending = state.pending, None
+        if pending is None:
+            return self._no_positions(state.batch_size)
+        x, lengths = self.upsample(torch.cat([pending, torch.zeros_like(pending)], -1))
+        return self.forward_upsampled(x), lengths
+
+    def units_if_ended(self) -> list[list[int]]:
+        """Streaming: per row, the units `flush` would give now, with the stream left as it
+        was. A row whose answer ends while the others go on gets its last units at once."""
+        saved = copy.deepcopy(self.streaming_state)
+        try:
+            return self.greedy_units(self.flush()[0])
+        finally:
+            self._streaming_state = saved
 
     # -- loss and decoding ------------------------------------------------------------------
     def ctc_loss(
