@@ -13,7 +13,8 @@
 #
 # Environment: STEPS (default 300 steps of 8), THREADS (default 2), PRECISION (as in
 # build_default_stage1.sh), CANDIDATE (the stage-1 candidate), RUN (the training run's
-# directory: the same name resumes), OUT (candidate 2).
+# directory: the same name resumes), OUT (candidate 2), TRAIN_ARGS (more options for the
+# training, e.g. "--set model.overrides.speech_decoder.lookahead=true").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-300}"
@@ -38,7 +39,7 @@ echo "== 2/3 stage 2 from the candidate's decoder on its own answer states"
 "$BIN/llama-omni" train stage2 configs/train/small-cpu-stage2.yaml --checkpoint "$CANDIDATE" \
   --data "$DATA" --output-dir "$RUN" --batch-size 8 --micro-batch-size 4 \
   --precision "$PRECISION" --lr 3e-4 --max-steps "$STEPS" \
-  --set save_every=25 --set eval_every=50
+  --set save_every=25 --set eval_every=50 ${TRAIN_ARGS:-}
 
 echo "== 3/3 candidate 2: the candidate's stage 1 + this decoder"
 "$BIN/python" scripts/build_default_model.py --stage1-model "$CANDIDATE" \
