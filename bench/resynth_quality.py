@@ -38,7 +38,8 @@ from llama_omni.model.vocoder import load_vocoder
 from llama_omni.train.data import is_heldout
 from llama_omni.train.voice_corpus import read_manifest
 from llama_omni.units.extract import DEFAULT_UNITS_DIR, UnitExtractor
-from llama_omni.units.quality import ASR, corpus_wer, dnsmos, median_wer
+from llama_omni.eval.wer import corpus_wer, median_wer
+from llama_omni.units.quality import ASR, dnsmos
 
 OMEGAS = (10, 40)
 HELDOUT_FRACTION = 0.1  # --answers: the training configs' data.eval_fraction

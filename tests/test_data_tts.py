@@ -31,7 +31,7 @@ def _available(pool):
 
 
 def _check_intelligible(pool, transcribe, voices):
-    from llama_omni.units.quality import corpus_wer
+    from llama_omni.eval.wer import corpus_wer
 
     by_backend: dict[str, list[tuple[str, str]]] = {}
     for spec in voices:

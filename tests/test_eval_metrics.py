@@ -6,16 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llama_omni.eval.metrics import (
+from llama_omni.data.normalize import normalize_english
+from llama_omni.eval.metrics import StreamTimes, mean
+from llama_omni.eval.report import markdown, summarize
+from llama_omni.eval.wer import (
     ErrorCounts,
-    StreamTimes,
+    corpus_wer,
     error_counts,
     error_rates,
-    mean,
     median_item_wer,
-    normalize_english,
+    median_wer,
 )
-from llama_omni.eval.report import markdown, summarize
 from llama_omni.inference.events import AudioChunk, End, TextDelta, Units, collect
 
 pytest.importorskip("jiwer")
@@ -49,6 +50,18 @@ def test_insertions_and_empty_answers():
     assert error_counts("good morning", "") == ErrorCounts(2, 2, 12, 12)
     # nothing to score: the reference has no words after normalization
     assert error_counts("(...)", "hello") is None
+
+
+def test_wer_normalizes_as_the_harness_does():
+    assert corpus_wer(["a b c d"], ["A, b; x d."]) == 25.0
+    assert corpus_wer(["I have 3 cats."], ["I have three cats"]) == 0.0
+
+
+def test_median_wer_is_not_dominated_by_one_looping_transcript():
+    references = ["the cat sleeps", "a dog barks", "birds sing"]
+    hypotheses = ["the cat sleeps", "a dog parks", "birds sing " + "sing " * 30]
+    assert corpus_wer(references, hypotheses) > 300
+    assert median_wer(references, hypotheses) == pytest.approx(100 / 3)
 
 
 def test_corpus_rates_sum_errors_before_dividing():

@@ -1,7 +1,8 @@
 """Evaluation: the InstructS2S-Eval protocol (SPEC section 6) for any checkpoint.
 
     sets.py     eval sets (JSONL, the ShareGPT hold-out, the paper's AlpacaEval recipe), speech
-    metrics.py  ASR-WER/CER, DNSMOS/UTMOS, stream times, MiniLM answer fidelity
+    wer.py      ASR-WER/CER counts (the project's one definition)
+    metrics.py  DNSMOS/UTMOS, stream times, MiniLM answer fidelity
     judge.py    content/style scores from an OpenAI-compatible LLM judge
     cascade.py  the ASR -> LLM -> TTS baseline on the same events and clock
     runner.py   Evaluator: every item, system and stage, cached per item (resumable)

@@ -1,9 +1,7 @@
 """Scores of one answer: ASR-WER/CER, MOS, latency, answer fidelity (SPEC section 6).
 
 - ASR-WER / ASR-CER: the speech answer is transcribed (faster-whisper) and compared with
-  the text answer, both after `normalize_english`. Rates are corpus level: errors summed
-  over items, divided by the summed reference length. CER counts the characters of the
-  normalized text, spaces included.
+  the text answer (`wer.py`: both after `normalize_english`, corpus-level rates).
 - MOS: DNSMOS P.835 / P.808 (speechmos) always; UTMOS when the `utmos` package is
   installed (it fetches its own weights on first use, so not on our machines).
 - Latency and lagging words come from the engine's events, gathered by
@@ -15,66 +13,17 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
-from llama_omni.data.normalize import normalize_english
 from llama_omni.inference.events import Answer
 from llama_omni.units.quality import ASR
+from llama_omni.units.quality import dnsmos as dnsmos_scores
 
 SAMPLE_RATE = 16000
-@dataclass(frozen=True)
-class ErrorCounts:
-    """Edit operations (substitutions + deletions + insertions) and reference lengths."""
-
-    word_errors: int
-    words: int
-    char_errors: int
-    chars: int
-
-
-def error_counts(reference: str, hypothesis: str) -> ErrorCounts | None:
-    """Errors of `hypothesis` against `reference` after normalization.
-
-    None when the reference has no words left (such an item has nothing to score).
-    """
-    import jiwer
-
-    ref, hyp = normalize_english(reference), normalize_english(hypothesis)
-    if not ref:
-        return None
-    words = jiwer.process_words(ref, hyp)
-    chars = jiwer.process_characters(ref, hyp)
-    return ErrorCounts(
-        words.substitutions + words.deletions + words.insertions,
-        words.hits + words.substitutions + words.deletions,
-        chars.substitutions + chars.deletions + chars.insertions,
-        chars.hits + chars.substitutions + chars.deletions,
-    )
-
-
-def error_rates(counts: Iterable[ErrorCounts | None]) -> tuple[float | None, float | None]:
-    """(WER %, CER %) over all items with a reference; (None, None) when there is none."""
-    counts = [c for c in counts if c is not None]
-    if not counts:
-        return None, None
-    wer = 100.0 * sum(c.word_errors for c in counts) / sum(c.words for c in counts)
-    cer = 100.0 * sum(c.char_errors for c in counts) / sum(c.chars for c in counts)
-    return wer, cer
-
-
-def median_item_wer(counts: Iterable[ErrorCounts | None]) -> float | None:
-    """Median over items of each item's WER (%). Whisper can loop on an answer that repeats
-    a phrase, transcribing it far past the audio; one such item can dominate the corpus
-    WER, the median shows what a typical answer sounds like."""
-    rates = [100.0 * c.word_errors / c.words for c in counts if c is not None]
-    return statistics.median(rates) if rates else None
-
-
 MIN_MOS_SECONDS = 0.25  # shorter answers get no MOS: DNSMOS would score mostly padding
 
 
@@ -83,13 +32,7 @@ def dnsmos(audio: np.ndarray) -> dict[str, float] | None:
     the answer is shorter than MIN_MOS_SECONDS."""
     if len(audio) < MIN_MOS_SECONDS * SAMPLE_RATE:
         return None
-    try:
-        from speechmos import dnsmos as _dnsmos
-    except ImportError:
-        raise ImportError("DNSMOS needs speechmos: `pip install speechmos==0.0.1.1 librosa "
-                          "onnxruntime`") from None
-    scores = _dnsmos.run(np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0), sr=SAMPLE_RATE)
-    return {k: float(scores[k]) for k in ("ovrl_mos", "sig_mos", "bak_mos", "p808_mos")}
+    return dnsmos_scores(audio, SAMPLE_RATE)
 
 
 class UTMOS:

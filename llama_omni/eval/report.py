@@ -15,7 +15,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from llama_omni.eval.metrics import ErrorCounts, error_rates, mean, median_item_wer
+from llama_omni.eval.metrics import mean
+from llama_omni.eval.wer import ErrorCounts, error_rates, median_item_wer
 from llama_omni.eval.runner import CASCADE, MODEL, omega_name
 
 PLOT_NAME = "latency_vs_quality.png"

@@ -33,8 +33,9 @@ from llama_omni.configbase import require
 from llama_omni.data.tts import TTSError
 from llama_omni.eval.cascade import RESPONSE_VOICE, Cascade, text_request
 from llama_omni.eval.judge import Judge
-from llama_omni.eval.metrics import ASR, UTMOS, SentenceEmbedder, StreamTimes, dnsmos, error_counts
+from llama_omni.eval.metrics import ASR, UTMOS, SentenceEmbedder, StreamTimes, dnsmos
 from llama_omni.eval.sets import EVAL_VOICES, EvalItem, speak
+from llama_omni.eval.wer import error_counts
 from llama_omni.inference.engine import Engine, EngineOptions
 from llama_omni.inference.events import Answer, Event, collect
 from llama_omni.inference.sampling import SamplingOptions

@@ -176,7 +176,7 @@ def heldout_transcripts(
     What the adaptor carries, read back through the CTC head: a WER near 100 means it
     carries little of the words yet.
     """
-    from llama_omni.units.quality import corpus_wer
+    from llama_omni.eval.wer import corpus_wer
 
     was_training = module.training
     module.eval()

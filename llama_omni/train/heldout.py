@@ -24,17 +24,19 @@ import torch
 from tqdm.auto import tqdm
 
 from llama_omni.audio import SAMPLE_RATE, load_audio
+from llama_omni.data.normalize import normalize_english
+from llama_omni.eval.wer import corpus_wer
 from llama_omni.model.encoder import encode_audio
 from llama_omni.model.omni import OmniModel
 from llama_omni.train.batches import SpeechTextCollator, SpeechTextExample
 from llama_omni.train.data import Conversation, tokenize
 from llama_omni.train.stage1 import Stage1Module, answer_states
-from llama_omni.units.quality import ASR, corpus_wer, words_to_score
+from llama_omni.units.quality import ASR
 
 
 def rouge_l(reference: str, hypothesis: str) -> float:
     """F1 of the longest common word subsequence (words as in the ASR scoring)."""
-    ref, hyp = words_to_score(reference), words_to_score(hypothesis)
+    ref, hyp = normalize_english(reference).split(), normalize_english(hypothesis).split()
     if not ref or not hyp:
         return float(ref == hyp)
     prev = [0] * (len(hyp) + 1)

@@ -1,5 +1,5 @@
-"""Measures of what units keep: ASR word error rate (faster-whisper, the same ASR and
-word normalization as the evaluation harness) and DNSMOS (speechmos)."""
+"""Measures of what units keep: the ASR (faster-whisper) whose transcripts every ASR-WER
+of the project scores (`llama_omni.eval.wer`), and DNSMOS (speechmos)."""
 
 from __future__ import annotations
 
@@ -9,38 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_omni.data.normalize import normalize_english
-
-
-def words_to_score(text: str) -> list[str]:
-    """The words that ASR-WER compares (`normalize_english`: the evaluation harness's)."""
-    return normalize_english(text).split()
-
-
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(edit distance in words, reference words) after `words_to_score`."""
-    ref, hyp = words_to_score(reference), words_to_score(hypothesis)
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1], len(ref)
-
-
-def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
-    """Word error rate in percent over all pairs (errors summed, then divided)."""
-    pairs = [word_errors(r, h) for r, h in zip(references, hypotheses, strict=True)]
-    return 100.0 * sum(e for e, _ in pairs) / max(1, sum(n for _, n in pairs))
-
-
-def median_wer(references: list[str], hypotheses: list[str]) -> float:
-    """Median over pairs of each pair's WER in percent: one transcript that loops (Whisper
-    can repeat a phrase far past the audio) cannot dominate it as it can `corpus_wer`."""
-    rates = [100.0 * e / n for e, n in (word_errors(r, h) for r, h in
-                                        zip(references, hypotheses, strict=True)) if n]
-    return float(np.median(rates)) if rates else 0.0
 
 
 class ASR:
@@ -96,7 +64,8 @@ def _dnsmos_scorer():
         import onnxruntime as ort
         from speechmos import dnsmos as speechmos_dnsmos
     except ImportError:
-        raise ImportError("DNSMOS needs speechmos: `pip install speechmos==0.0.1.1 librosa`") from None
+        raise ImportError("DNSMOS needs speechmos: `pip install speechmos==0.0.1.1 librosa "
+                          "onnxruntime`") from None
     models = Path(speechmos_dnsmos.__file__).parent / "dnsmos_models"
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1

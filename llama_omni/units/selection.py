@@ -15,11 +15,12 @@ import torch
 from tqdm import tqdm
 
 from llama_omni.audio import log_mel_spectrogram
+from llama_omni.eval.wer import corpus_wer
 from llama_omni.train.voice_corpus import Utterance
 from llama_omni.units.corpus_features import CorpusFeatures
 from llama_omni.units.extract import merge_repeats
 from llama_omni.units.kmeans import train_kmeans
-from llama_omni.units.quality import ASR, corpus_wer
+from llama_omni.units.quality import ASR
 
 MEL_PER_FRAME = 2  # log-mel frames (10 ms) per encoder frame (20 ms)
 
