@@ -33,12 +33,12 @@ import torch
 from tqdm import tqdm
 
 from llama_omni.data.manifest import read_manifest as read_data_manifest
+from llama_omni.eval.wer import corpus_wer, median_wer
 from llama_omni.inference.vocoder_stream import StreamingVocoder, VocoderStreamOptions
 from llama_omni.model.vocoder import load_vocoder
 from llama_omni.train.data import is_heldout
 from llama_omni.train.voice_corpus import read_manifest
 from llama_omni.units.extract import DEFAULT_UNITS_DIR, UnitExtractor
-from llama_omni.eval.wer import corpus_wer, median_wer
 from llama_omni.units.quality import ASR, dnsmos
 
 OMEGAS = (10, 40)

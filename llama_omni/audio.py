@@ -53,14 +53,15 @@ def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE) -> np
     if data.shape[0] == 0:
         raise AudioError(f"{name} contains no audio samples")
     mono = data.mean(axis=1)  # [T]
-    return _resample(mono, rate, sample_rate).astype(np.float32, copy=False)
+    return resample(mono, rate, sample_rate)
 
 
-def _resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
-    if rate == target:
-        return audio
-    g = math.gcd(rate, target)
-    return resample_poly(audio, target // g, rate // g)
+def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """[T] audio at `rate` Hz -> float32 at `target` Hz (polyphase filter)."""
+    if rate != target:
+        g = math.gcd(rate, target)
+        audio = resample_poly(audio, target // g, rate // g)
+    return audio.astype(np.float32, copy=False)
 
 
 def pad_or_trim(array: np.ndarray | torch.Tensor, length: int = N_SAMPLES):

@@ -319,3 +319,25 @@ def test_lookahead_starts_neutral_then_reads_the_next_token_and_streams_like_one
             assert ahead.flush()[0].shape == (2, 0, 33)  # nothing waits any more
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
     assert units == ahead.greedy_units(full, lengths)
+
+
+def test_blank_penalty_lets_more_units_through_and_streams_like_one_shot():
+    torch.manual_seed(7)
+    decoder = SpeechDecoder(tiny()).eval()
+    with torch.no_grad():
+        decoder.output_proj.bias[decoder.config.blank_id] += 3.0  # a decoder that favours blank
+        hidden = torch.randn(2, 6, 64)
+        log_probs, lengths = decoder(hidden)
+        plain = decoder.greedy_units(log_probs, lengths)
+        penalized, _ = decoder.reconfigured(blank_penalty=4.0)
+        more = penalized.greedy_units(log_probs, lengths)
+        assert all(len(m) > len(p) for m, p in zip(more, plain))
+        units = [[], []]
+        with penalized.streaming(batch_size=2):
+            for start, stop in [(0, 2), (2, 3), (3, 6)]:
+                for b, new in enumerate(penalized.greedy_units(penalized(hidden[:, start:stop])[0])):
+                    units[b].extend(new)
+    assert units == more
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="blank_penalty"):
+            tiny(blank_penalty=bad)

@@ -70,6 +70,10 @@ class SpeechDecoderConfig(ConfigBase):
     # at zero. A token's sound depends on its neighbour (a word split into pieces, the
     # joins between words); the price is that token i's units wait for token i+1.
     lookahead: bool = False
+    # Inference only: subtracted from the blank's log-probability before the greedy choice.
+    # A small CTC decoder emits too few units (ours: about 3/4 of the reference answers'),
+    # dropping sounds; a penalty > 0 lets more units through. Training ignores it.
+    blank_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("input_width", "n_layers", "width", "n_heads", "ffn", "upsample", "unit_vocab"):
@@ -90,6 +94,11 @@ class SpeechDecoderConfig(ConfigBase):
             f"got {self.attention_window!r}",
         )
         require(0.0 <= self.dropout < 1.0, f"SpeechDecoderConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        require(
+            not isinstance(self.blank_penalty, bool) and math.isfinite(self.blank_penalty)
+            and self.blank_penalty >= 0,
+            f"SpeechDecoderConfig.blank_penalty must be a finite number >= 0, got {self.blank_penalty!r}",
+        )
         if self.rope_scaling is not None:
             kind = _rope_type(self.rope_scaling)
             require(
@@ -531,7 +540,11 @@ class SpeechDecoder(StreamingModule[DecoderState]):
         return loss / target_lengths.sum().clamp(min=1)
 
     def greedy_units(self, log_probs: torch.Tensor, lengths: torch.Tensor | None = None) -> list[list[int]]:
-        """Best path per position, collapsed. When streaming, continues from the last chunk."""
+        """Best path per position (after `blank_penalty`), collapsed. When streaming,
+        continues from the last chunk."""
+        if self.config.blank_penalty:
+            log_probs = log_probs.clone()
+            log_probs[..., self.config.blank_id] -= self.config.blank_penalty
         best = log_probs.argmax(-1)  # [B, T]
         state = self._streaming_state
         previous = state.last_symbol if state is not None else None

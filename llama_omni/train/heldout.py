@@ -15,15 +15,13 @@ Only the first exchange of each conversation is used.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llama_omni.audio import SAMPLE_RATE, load_audio
+from llama_omni.audio import SAMPLE_RATE, load_audio, resample
 from llama_omni.data.normalize import normalize_english
 from llama_omni.eval.wer import corpus_wer
 from llama_omni.model.encoder import encode_audio
@@ -93,18 +91,27 @@ def _first_exchanges(model: OmniModel, items: list[Conversation], features: list
 
 
 @torch.no_grad()
-def predicted_units(model: OmniModel, items: list[Conversation], *, batch_size: int) -> list[list[int]]:
-    """Greedy units of each item's first reference answer, from teacher-forced states."""
+def unit_log_probs(model: OmniModel, items: list[Conversation], *, batch_size: int) -> list[torch.Tensor]:
+    """[T, K+1] speech-decoder log-probabilities of each item's first reference answer,
+    from teacher-forced states."""
     model.eval()
     features = _features(model, items, batch_size)
-    units = []
+    out = []
     for start in tqdm(range(0, len(items), batch_size), desc="predicting units", unit="batch"):
         end = start + batch_size
         batch = _first_exchanges(model, items[start:end], features[start:end])
         states = answer_states(model.adaptor, model.llm, batch, model.config.speech_decoder)
         for (c,) in states:  # one answer per item
-            units += model.speech_decoder.predict_units(c[None].to(model.dtype))
-    return units
+            log_probs, _ = model.speech_decoder(c[None].to(model.dtype))  # [1, T, K+1]
+            out.append(log_probs[0])
+    return out
+
+
+def predicted_units(model: OmniModel, items: list[Conversation], *, batch_size: int) -> list[list[int]]:
+    """Greedy units of each item's first reference answer, from teacher-forced states."""
+    decoder = model.speech_decoder
+    return [decoder.greedy_units(lp[None])[0]
+            for lp in unit_log_probs(model, items, batch_size=batch_size)]
 
 
 @torch.no_grad()
@@ -163,7 +170,7 @@ def evaluate(
 
         def transcribe(units: list[int]) -> str:
             wave = vocoder.vocode(units)
-            return asr(_resample(wave, vocoder.config.sample_rate, SAMPLE_RATE)) if units else ""
+            return asr(resample(wave, vocoder.config.sample_rate, SAMPLE_RATE)) if units else ""
 
         ours = predicted_units(model, items, batch_size=batch_size)
         heard = [transcribe(u) for u in tqdm(ours, desc="ASR")]
@@ -176,15 +183,6 @@ def evaluate(
             example.update(units=len(units), heard=text)
     report["examples"] = examples
     return report
-
-
-def _resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
-    if rate == target:
-        return wave
-    from scipy.signal import resample_poly
-
-    g = math.gcd(rate, target)
-    return resample_poly(wave, target // g, rate // g).astype(np.float32)
 
 
 def load_for_heldout(checkpoint: str | Path | None, config: Any) -> OmniModel:
