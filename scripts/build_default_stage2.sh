@@ -5,8 +5,9 @@
 # further on the candidate's teacher-forced states of the stage-1 data's answers (their
 # hibari units), measures held-out units ASR-WER before and after, and assembles OUT
 # (the candidate's adaptor and LoRA + the new decoder). Candidate 4 came from
-# CANDIDATE=runs/candidate3/default-model; candidate 6, the default model since the 20th
-# session, from CANDIDATE=runs/candidate5/default-model STEPS=200.
+# CANDIDATE=runs/candidate3/default-model; candidate 6 from CANDIDATE=runs/candidate5/default-model
+# STEPS=200; candidate 8, the default model since the 22nd session (with blank_penalty 1
+# set afterwards), from CANDIDATE=runs/candidate7/default-model STEPS=200.
 # The training resumes from its checkpoints: after a kill, run it again.
 #
 #   nohup bash scripts/build_default_stage2.sh > runs/stage2-build.log 2>&1 &
