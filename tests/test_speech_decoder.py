@@ -5,6 +5,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
+from llama_omni.inference.events import Clock
+from llama_omni.inference.speech_path import SpeechPath
 from llama_omni.model.speech_decoder import (
     IGNORE_INDEX,
     LLAMA31_ROPE_SCALING,
@@ -341,3 +343,25 @@ def test_blank_penalty_lets_more_units_through_and_streams_like_one_shot():
     for bad in (-1.0, float("nan"), True):
         with pytest.raises(ValueError, match="blank_penalty"):
             tiny(blank_penalty=bad)
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_speech_path_word_ends_fall_after_the_units_of_the_tokens_before_a_word(lookahead):
+    """Chunks cut at word ends need the unit count at each word start; with lookahead a
+    step's units are the previous token's, so the boundary is known only after them."""
+    torch.manual_seed(8)
+    decoder, _ = SpeechDecoder(tiny()).eval().reconfigured(lookahead=lookahead)
+    if lookahead:
+        with torch.no_grad():
+            decoder.lookahead_proj.weight.normal_(std=0.2)
+    hidden = torch.randn(1, 8, 64)
+    word_starts = [True, False, True, True, False, False, True, False]
+    with torch.no_grad():
+        full, _ = decoder(hidden)
+    with SpeechPath(decoder, None, 1, Clock(), cut_at_word_ends=True) as path:
+        for t in range(8):
+            path.step(hidden[:, t], [True], [word_starts[t]], [t == 7])
+            if word_starts[t] and t < 7:
+                before = decoder.greedy_units(full[:, : t * 25])[0]  # tokens 0 .. t-1
+                assert path.tracks[0].word_end == len(before), t
+        assert path.tracks[0].units == decoder.greedy_units(full)[0]
