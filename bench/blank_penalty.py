@@ -38,6 +38,8 @@ def main() -> None:
     items = [c for c in items[: args.items] if c.turns[1].units]
     if not items:
         raise SystemExit(f"{args.config}: no held-out items with units (set data.train)")
+    if len(items) < args.items:
+        print(f"scoring {len(items)} held-out items with units (asked for {args.items})", flush=True)
     model = load_for_heldout(args.model, cfg)
     vocoder, asr = load_vocoder(args.vocoder), ASR(threads=args.threads)
     log_probs = unit_log_probs(model, items, batch_size=4)
