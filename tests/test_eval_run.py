@@ -115,3 +115,21 @@ def test_cascade_with_another_llm_shares_the_rest(tiny_model, tiny_llm_dir):
 def test_help_names_the_protocol():
     result = CliRunner().invoke(app, ["eval", "--help"])
     assert result.exit_code == 0 and "--chunk-sizes" in result.output and "--judge" in result.output
+
+
+def test_fingerprint_changes_with_a_decoding_setting_of_the_config(tiny_model):
+    """A blank penalty lives in the config, not in the weights: results made without it
+    must not be reused for a run with it."""
+    from llama_omni.eval.runner import weights_fingerprint
+
+    before = weights_fingerprint(tiny_model)
+    assert weights_fingerprint(tiny_model) == before  # stable
+    decoder = tiny_model.speech_decoder
+    penalized, kept = decoder.reconfigured(blank_penalty=1.0)
+    assert kept
+    tiny_model.speech_decoder = penalized
+    try:
+        assert weights_fingerprint(tiny_model) != before
+    finally:
+        tiny_model.speech_decoder = decoder
+    assert weights_fingerprint(tiny_model) == before

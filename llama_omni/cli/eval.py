@@ -96,6 +96,7 @@ def evaluate(
                     "spoken sentence by sentence") if options.baseline else "not run",
         "max_new_tokens": max_new_tokens, "device": f"{device} ({threads} threads)",
         "repetition_penalty": options.repetition_penalty,
+        "blank_penalty": model.speech_decoder.config.blank_penalty,  # the model's (its config)
     }
     cascade_model = with_llm(model, cascade_llm) if cascade_llm and options.baseline else None
     evaluator = Evaluator(model, voice, options, out, run_info, cascade_model)

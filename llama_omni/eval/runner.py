@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from llama_omni.audio import AudioError
-from llama_omni.configbase import require
+from llama_omni.configbase import ConfigBase, require
 from llama_omni.data.tts import TTSError
 from llama_omni.eval.cascade import RESPONSE_VOICE, Cascade, text_request
 from llama_omni.eval.judge import Judge
@@ -316,12 +316,18 @@ class Evaluator:
 
 
 def weights_fingerprint(*modules: torch.nn.Module | None) -> str:
-    """sha256 over the modules' parameter names and bytes: a checkpoint rebuilt in place
-    (same path, new weights) must not reuse the per-item results of the old one."""
+    """sha256 over the modules' parameter names and bytes and their (and their children's)
+    typed configs: a checkpoint rebuilt in place (same path, new weights) or with a new
+    decoding setting in its config (e.g. the speech decoder's blank_penalty, the vocoder's
+    output filters) must not reuse the per-item results of the old one."""
     digest = hashlib.sha256()
     for module in modules:
         if module is None:
             continue
+        for sub in module.modules():
+            config = getattr(sub, "config", None)
+            if isinstance(config, ConfigBase):
+                digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
         for name, tensor in module.state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
