@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from llama_omni.audio import SAMPLE_RATE, resample
 from llama_omni.eval.wer import corpus_wer, median_wer
 from llama_omni.model.vocoder import load_vocoder
 from llama_omni.train.config import TrainConfig
-from llama_omni.train.heldout import load_for_heldout, unit_log_probs
+from llama_omni.train.heldout import hear_units, load_for_heldout, unit_log_probs
 from llama_omni.train.run import load_conversations
 from llama_omni.units.quality import ASR
 
@@ -49,8 +48,7 @@ def main() -> None:
     for penalty in args.penalties:
         decoder, _ = model.speech_decoder.reconfigured(blank_penalty=penalty)
         units = [decoder.greedy_units(lp[None])[0] for lp in log_probs]
-        heard = [asr(resample(vocoder.vocode(u), vocoder.config.sample_rate, SAMPLE_RATE))
-                 if u else "" for u in tqdm(units, desc=f"penalty {penalty}")]
+        heard = [hear_units(u, vocoder, asr) for u in tqdm(units, desc=f"penalty {penalty}")]
         rows.append(dict(penalty=penalty, units_ratio=round(sum(map(len, units)) / data_units, 3),
                          wer=round(corpus_wer(references, heard), 2),
                          wer_median=round(median_wer(references, heard), 2)))

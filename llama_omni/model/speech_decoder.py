@@ -373,9 +373,10 @@ class SpeechDecoder(StreamingModule[DecoderState]):
         if new.shape[0] == old.shape[0] and new.shape[1] > old.shape[1]:
             extra = old.new_zeros(old.shape[0], new.shape[1] - old.shape[1])
             weights["input_proj.weight"] = torch.cat([old, extra], 1)  # [D, Din_new]
+        fresh = decoder.state_dict()
         for name in ("copy_embedding", "lookahead_proj.weight"):
-            if name in decoder.state_dict() and name not in weights:
-                weights[name] = decoder.state_dict()[name].clone()  # zeros: no change yet
+            if name in fresh and name not in weights:
+                weights[name] = fresh[name].clone()  # zeros: no change yet
         for i in range(self.config.n_layers, decoder.config.n_layers):
             layer = decoder.layers[i]
             nn.init.zeros_(layer.self_attn.o_proj.weight)

@@ -168,21 +168,24 @@ def evaluate(
     if vocoder is not None:
         asr = ASR(threads=torch.get_num_threads())
 
-        def transcribe(units: list[int]) -> str:
-            wave = vocoder.vocode(units)
-            return asr(resample(wave, vocoder.config.sample_rate, SAMPLE_RATE)) if units else ""
-
         ours = predicted_units(model, items, batch_size=batch_size)
-        heard = [transcribe(u) for u in tqdm(ours, desc="ASR")]
+        heard = [hear_units(u, vocoder, asr) for u in tqdm(ours, desc="ASR")]
         report["units_asr_wer"] = corpus_wer(references, heard)
         truth = [list(c.turns[1].units or []) for c in items]
-        scored = [(r, transcribe(u)) for r, u in zip(references, truth) if u]
+        scored = [(r, hear_units(u, vocoder, asr)) for r, u in zip(references, truth) if u]
         if scored:
             report["data_units_asr_wer"] = corpus_wer(*map(list, zip(*scored)))
         for example, units, text in zip(examples, ours, heard):
             example.update(units=len(units), heard=text)
     report["examples"] = examples
     return report
+
+
+def hear_units(units: list[int], vocoder: Any, asr: ASR) -> str:
+    """What the ASR hears in `units` spoken by the vocoder ("" for no units)."""
+    if not units:
+        return ""
+    return asr(resample(vocoder.vocode(units), vocoder.config.sample_rate, SAMPLE_RATE))
 
 
 def load_for_heldout(checkpoint: str | Path | None, config: Any) -> OmniModel:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 class ASR:
     """English transcription with faster-whisper, greedy and without context, so a score
     does not depend on earlier items. model_dir: a CTranslate2 Whisper directory (default
