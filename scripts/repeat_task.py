@@ -34,10 +34,11 @@ INSTRUCTION = "Repeat the user's speech word for word."
 REPEAT_SUFFIX = "-repeat"
 
 
-def _record(item_id: str, speech: Path, prompt: str, answer: str) -> dict:
+def _record(item_id: str, speech: Path, transcript: str, prompt: str, answer: str) -> dict:
     return {
         "id": item_id,
         "speech": str(speech),
+        "transcript": transcript,  # for stage-1 distillation (--set distill=W)
         "conversations": [
             {"from": "human", "value": f"{SPEECH_PLACEHOLDER}\n{prompt}"},
             {"from": "gpt", "value": answer},
@@ -60,7 +61,7 @@ def repeat_items(data: Path, max_items: int | None = None) -> list[dict]:
     records = []
     for item in list(read_manifest(data))[:max_items]:
         speech, transcript, _ = _first_exchange(data, item)
-        records.append(_record(item["id"], speech, INSTRUCTION, transcript))
+        records.append(_record(item["id"], speech, transcript, INSTRUCTION, transcript))
     return records
 
 
@@ -77,11 +78,12 @@ def mixed_items(
         speech, transcript, answer = _first_exchange(data, item)
         if answer is None:
             raise SystemExit(f"{data}: item {item['id']!r} has no answer")
-        answer_record = _record(item["id"], speech, instruction, answer)
+        answer_record = _record(item["id"], speech, transcript, instruction, answer)
         if item["id"] in heldout_ids:
             heldout.append(answer_record)
             continue
-        train += [_record(item["id"] + REPEAT_SUFFIX, speech, INSTRUCTION, transcript), answer_record]
+        train += [_record(item["id"] + REPEAT_SUFFIX, speech, transcript, INSTRUCTION, transcript),
+                  answer_record]
     return train, heldout
 
 

@@ -74,6 +74,7 @@ def test_published_format_reader(tmp_path):
          "conversations": [{"from": "human", "value": "<speech>\nPlease directly answer the questions in the user's speech."},
                            {"from": "gpt", "value": "Paris is the capital.", "tgt_units": "5 5 7 7 7 2 5"}]},
         {"id": "q2", "speech": str(tmp_path / "wavs" / "q2.wav"), "tgt_units": [1, 2, 2, 3],
+         "transcript": "Say hello.",
          "conversations": [{"from": "human", "value": "<speech>"},
                            {"from": "gpt", "value": "Hello."}]},
     ]
@@ -84,10 +85,12 @@ def test_published_format_reader(tmp_path):
                                       "units": [5, 7, 2, 5]}  # repeats merged, as Y^U
     assert records[1]["turns"][1]["units"] == [1, 2, 3]
     assert records[0]["speech"] == str(tmp_path / "wavs" / "q1.wav")
+    assert records[0]["transcript"] is None and records[1]["transcript"] == "Say hello."
 
     assert import_published(source, tmp_path / "imported") == 2
     items = list(read_manifest(tmp_path / "imported"))
     assert items[0]["turns"][1]["audio"] is None and items[0]["turns"][1]["units"] == [5, 7, 2, 5]
+    assert [item["turns"][0]["text"] for item in items] == [None, "Say hello."]
     audio, rate = sf.read(tmp_path / "imported" / items[0]["turns"][0]["audio"])
     assert rate == 16000 and abs(len(audio) - 8000) < 10
 
@@ -95,4 +98,7 @@ def test_published_format_reader(tmp_path):
     bad.write_text(json.dumps([{"id": "x", "speech": "a.wav",
                                 "conversations": [{"from": "gpt", "value": "hi"}]}]))
     with pytest.raises(ValueError, match="alternate"):
+        list(read_published(bad))
+    bad.write_text(json.dumps([dict(published[0], transcript="  ")]))
+    with pytest.raises(ValueError, match="'transcript' must be the speech's words"):
         list(read_published(bad))

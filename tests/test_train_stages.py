@@ -14,7 +14,8 @@ from llama_omni.model.checkpoint import load_model
 from llama_omni.train.export import export_checkpoint
 from llama_omni.train.model_setup import prepare_model
 from llama_omni.train.run import build_stage
-from llama_omni.model.prompt import IGNORE_INDEX, SPEECH_TOKEN_INDEX
+from llama_omni.model.prompt import DEFAULT_INSTRUCTION, IGNORE_INDEX, SPEECH_TOKEN_INDEX
+from llama_omni.train.data import DataError
 from llama_omni.train.stage1 import (
     Stage1Module,
     answer_states,
@@ -141,6 +142,31 @@ def test_distillation_teacher_is_the_backbone_reading_the_transcript(tmp_path, t
         logits = model.llm(embeds, mask, positions).logits[:, :-1]
     adapted = logits[lora_batch.written_labels[:, 1:] != IGNORE_INDEX]
     assert (adapted - teacher).abs().max() > 1e-2
+
+
+def test_distillation_reads_published_records_with_transcripts(tmp_path, tiny_llm_dir, data):
+    """A published record's "transcript" is its written question, the spelt-out instruction
+    dropped: the teacher reads what it reads for the same item of a manifest."""
+    records = []
+    for item in (json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()):
+        question, answer = item["turns"]
+        records.append({"id": item["id"], "speech": str(data / question["audio"]),
+                        "transcript": question["text"], "conversations": [
+                            {"from": "human", "value": f"<speech>\n{DEFAULT_INSTRUCTION}"},
+                            {"from": "gpt", "value": answer["text"]}]})
+    published = tmp_path / "published.json"
+    published.write_text(json.dumps(records))
+    _, _, batch = setup(tmp_path, tiny_llm_dir, data, "stage1", tuning="adaptor", distill=1.0)
+    _, _, from_json = setup(tmp_path, tiny_llm_dir, published, "stage1", tuning="adaptor",
+                            distill=1.0)
+    assert from_json.written_ids == batch.written_ids
+    torch.testing.assert_close(from_json.written_labels, batch.written_labels)
+
+    for record in records:
+        del record["transcript"]
+    published.write_text(json.dumps(records))
+    with pytest.raises(DataError, match="a published record's 'transcript'"):
+        setup(tmp_path, tiny_llm_dir, published, "stage1", tuning="adaptor", distill=1.0)
 
 
 @pytest.mark.parametrize("tuning", ["lora", "adaptor"])

@@ -5,7 +5,9 @@ The published format is LLaVA-style JSON: a list of {"id", "speech": <audio path
 "conversations": [{"from": "human", "value": "<speech>\\n..."}, {"from": "gpt", "value":
 <response text>}]}, with the response's target units under "tgt_units" (on the gpt turn
 or on the item; a list of ints or a space-separated string). Its response speech is not
-part of it, so imported items have units but no response audio.
+part of it, so imported items have units but no response audio. Our one addition, optional:
+"transcript" on the item, the words of its speech (stage-1 distillation reads them as the
+written question; an import keeps them as the user turn's text).
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ def _units(value) -> list[int] | None:
 
 
 def read_published(json_file: str | Path, audio_root: str | Path | None = None) -> Iterator[dict]:
-    """Items of a published-format file as {"id", "speech" (absolute path), "conversations"
-    [{"role", "text", "units"?}]}; roles alternate user / assistant."""
+    """Items of a published-format file as {"id", "speech" (absolute path), "transcript"
+    (the speech's words, or None), "turns" [{"role", "text", "units"}]}; roles alternate
+    user / assistant."""
     json_file = Path(json_file)
     root = Path(audio_root) if audio_root else json_file.parent
     records = json.loads(json_file.read_text(encoding="utf-8"))
@@ -110,9 +113,14 @@ def read_published(json_file: str | Path, audio_root: str | Path | None = None) 
             if units is None and role == "assistant" and number == len(convs) - 1:
                 units = next((record[k] for k in UNIT_KEYS if k in record), None)
             turns.append({"role": role, "text": str(turn.get("value", "")), "units": _units(units)})
+        transcript = record.get("transcript")
+        if transcript is not None and (not isinstance(transcript, str) or not transcript.strip()):
+            raise ValueError(f"{where}: 'transcript' must be the speech's words as a non-empty "
+                             "string (or left out)")
         speech = Path(record["speech"])
         yield {"id": str(record.get("id", index)),
-               "speech": str(speech if speech.is_absolute() else root / speech), "turns": turns}
+               "speech": str(speech if speech.is_absolute() else root / speech),
+               "transcript": transcript, "turns": turns}
 
 
 def import_published(json_file: str | Path, out: str | Path,
@@ -135,7 +143,8 @@ def import_published(json_file: str | Path, out: str | Path,
         if turns[1]["units"] is not None:
             assistant.update(units=turns[1]["units"], units_model="published")
         items.append({"id": item_id, "source": "published",
-                      "turns": [{"role": "user", "text": None, "audio": rel, "voice": None},
+                      "turns": [{"role": "user", "text": record["transcript"], "audio": rel,
+                                 "voice": None},
                                 assistant],
                       "original": {"instruction": None, "response": turns[1]["text"]}})
     return write_jsonl(out / MANIFEST_NAME, items)

@@ -87,7 +87,7 @@ def speech_text_examples(
         if length > max_length:
             too_long.append(conversation.id)
             continue
-        text = tokenize(written(conversation), tokenizer, llm) if with_written else None
+        text = tokenize(written(conversation, llm.instruction), tokenizer, llm) if with_written else None
         if text is not None and _answer_tokens(text) != _answer_tokens(tokens):
             raise DataError(f"item {conversation.id!r}: its answers tokenize differently "
                             "after a written question than after a spoken one")

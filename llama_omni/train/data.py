@@ -106,7 +106,8 @@ def _from_manifest(item: dict, root: Path) -> Conversation:
 
 
 def _from_published(record: dict) -> Conversation:
-    """The record's one speech file belongs to the `<speech>` of its first user turn."""
+    """The record's one speech file (and its transcript, if given) belongs to the
+    `<speech>` of its first user turn."""
     turns = []
     for n, t in enumerate(record["turns"]):
         if t["role"] == "assistant":
@@ -119,7 +120,8 @@ def _from_published(record: dict) -> Conversation:
                 "human turn and only that one (a record has one speech file)"
             )
         text = t["text"].replace(SPEECH_PLACEHOLDER, "", 1).strip()
-        turns.append(TrainTurn("user", text, Path(record["speech"]) if has_speech else None))
+        turns.append(TrainTurn("user", text, Path(record["speech"]) if has_speech else None,
+                               transcript=record["transcript"] if has_speech else None))
     return Conversation(record["id"], tuple(turns))
 
 
@@ -146,19 +148,21 @@ def tokenize(conversation: Conversation, tokenizer: Any, llm: LLMConfig) -> Toke
     return Tokenized(ids, labels)
 
 
-def written(conversation: Conversation) -> Conversation:
+def written(conversation: Conversation, instruction: str | None = None) -> Conversation:
     """The conversation as a text-only LLM would read it: each spoken user turn becomes its
-    transcript (followed by the turn's own prompt text, if any; not the instruction,
-    which asks about speech)."""
+    transcript (followed by the turn's own prompt text, if any; not `instruction`, the
+    configured prompt that asks about the speech, which published records spell out)."""
     turns = []
     for turn in conversation.turns:
         if turn.role == "user" and turn.audio is not None:
             if not turn.transcript:
                 raise DataError(
                     f"item {conversation.id!r}: a spoken user turn has no transcript (the "
-                    "manifest's user 'text'); distillation reads it as the written question"
+                    "manifest's user 'text', or a published record's 'transcript'); "
+                    "distillation reads it as the written question"
                 )
-            turn = TrainTurn("user", "\n".join(filter(None, [turn.transcript, turn.text])))
+            prompt = None if turn.text == instruction else turn.text
+            turn = TrainTurn("user", "\n".join(filter(None, [turn.transcript, prompt])))
         turns.append(turn)
     return Conversation(conversation.id, tuple(turns))
 
