@@ -231,6 +231,32 @@ def test_export_lora(tmp_path, small_llm_dir, data, merge):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
+def test_distillation_teacher_of_a_folded_lora_checkpoint_is_the_untouched_backbone(
+        tmp_path, small_llm_dir, data):
+    """A checkpoint's LoRA is folded into the weights when it loads; the teacher must still
+    be the backbone as released, not the tuned one."""
+    model, _, base_batch = setup(tmp_path, small_llm_dir, data, "stage1", tuning="lora",
+                                 distill=1.0, **{"model.overrides": CHATML})
+    base = written_logits(model.llm, base_batch)  # [T, V], adapters switched off
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    out = export_checkpoint(model, tmp_path / "export", llm_trained=True, merge=False,
+                            base_dir=small_llm_dir)
+    cfg = tiny_config(tmp_path, small_llm_dir, data, "stage1", tuning="adaptor", distill=1.0,
+                      **{"model.preset": None, "model.checkpoint": str(out)})
+    folded = prepare_model(cfg)
+    stage = build_stage(cfg, folded)
+    batch = stage.collate([stage.train[i] for i in range(2)])
+    assert folded.llm.folded_adapter is not None and stage.module.teacher is not None
+    assert not any(p.requires_grad for p in stage.module.teacher.parameters())
+    stage.module.train()
+    assert not stage.module.teacher.training
+    torch.testing.assert_close(written_logits(stage.module.teacher, batch), base,
+                               atol=1e-4, rtol=1e-4)
+    assert (written_logits(folded.llm, batch) - base).abs().max() > 1e-2  # the tuned LLM
+
+
 def test_decoder_override_on_a_checkpoint_keeps_weights_only_when_they_fit(tmp_path, tiny_llm_dir, data):
     model, _, _ = setup(tmp_path, tiny_llm_dir, data, "stage2")
     out = export_checkpoint(model, tmp_path / "export", llm_trained=False, base_dir=tiny_llm_dir)

@@ -4,7 +4,9 @@ The encoder is frozen, so its features come from the cache; the module trained h
 holds only the adaptor and the LLM (whose parameters are full, LoRA, or frozen).
 
 Optional distillation (`distill` > 0, our addition to the paper): the backbone itself,
-reading the transcript as a written question (LoRA switched off), gives a next-token
+reading the transcript as a written question (without any LoRA: peft's adapters are
+switched off, and for a checkpoint whose LoRA was folded into the weights when it loaded, a
+second, untouched copy of the backbone is the teacher), gives a next-token
 distribution at every answer token, and KL(written || spoken) is added to the loss. The
 cross-entropy sees one token per position; the teacher's whole distribution says what
 the backbone would have answered had it read the question, which is what a spoken
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llama_omni.model.adaptor import SpeechAdaptor
-from llama_omni.model.llm import LLMOutput, SpeechLLM
+from llama_omni.model.llm import LLMOutput, SpeechLLM, load_backbone
 from llama_omni.model.omni import decoder_inputs
 from llama_omni.model.prompt import IGNORE_INDEX
 from llama_omni.model.speech_decoder import SpeechDecoderConfig
@@ -45,7 +47,8 @@ def teacher_forced(adaptor: SpeechAdaptor, llm: SpeechLLM, batch: SpeechTextBatc
 @torch.no_grad()
 def written_logits(llm: SpeechLLM, batch: SpeechTextBatch) -> Tensor:
     """[T, V] the backbone's logits at the T answer tokens of the written conversations,
-    with LoRA adapters (if any) switched off; in the order of the spoken batch's."""
+    with LoRA adapters (if any) switched off; in the order of the spoken batch's. For a
+    model loaded with its LoRA folded in, pass `untouched_backbone(llm)` as `llm`."""
     if batch.written_ids is None or batch.written_labels is None:
         raise ValueError("this batch has no written conversations: build the examples "
                          "with_written=True (the config's distill > 0)")
@@ -55,6 +58,18 @@ def written_logits(llm: SpeechLLM, batch: SpeechTextBatch) -> Tensor:
         embeds, mask, positions = llm.embed_prompt(batch.written_ids, [], padding_side="right")
         logits = llm(embeds, mask, positions).logits  # [B, Lw, V]
     return answer_logits(logits, batch.written_labels)
+
+
+def untouched_backbone(llm: SpeechLLM) -> SpeechLLM | None:
+    """A frozen copy of the backbone as released, for a model whose LoRA update was folded
+    into its weights when the checkpoint loaded (disabling adapters cannot undo that);
+    None when `llm` has no folded update."""
+    if llm.folded_adapter is None:
+        return None
+    weight = next(llm.parameters())
+    model, _ = load_backbone(llm.config.source, base_dir=llm.folded_adapter.parent,
+                             dtype=weight.dtype, device=weight.device)
+    return SpeechLLM(model, llm.tokenizer, llm.config).requires_grad_(False).eval()
 
 
 def answer_logits(logits: Tensor, labels: Tensor) -> Tensor:
@@ -67,7 +82,8 @@ class Stage1Module(nn.Module):
     """forward(batch) -> (summed loss, number of supervised tokens).
 
     The loss is the cross-entropy, plus `distill` x the summed KL from the written
-    question's answer distributions in training mode.
+    question's answer distributions in training mode. The teacher is `llm` without its
+    adapters, or `teacher` (a frozen, untouched backbone) when `llm` has a folded LoRA.
     """
 
     def __init__(self, adaptor: SpeechAdaptor, llm: SpeechLLM, distill: float = 0.0):
@@ -75,6 +91,13 @@ class Stage1Module(nn.Module):
         self.adaptor = adaptor
         self.llm = llm
         self.distill = distill
+        self.teacher = untouched_backbone(llm) if distill else None
+
+    def train(self, mode: bool = True) -> Stage1Module:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # a fixed reference: no dropout in it
+        return self
 
     def forward(self, batch: SpeechTextBatch) -> tuple[Tensor, Tensor]:
         out = teacher_forced(self.adaptor, self.llm, batch)
@@ -83,7 +106,8 @@ class Stage1Module(nn.Module):
         logits = answer_logits(out.logits, batch.labels)  # [T, V]
         loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
         if self.distill and self.training:
-            loss = loss + self.distill * divergence(logits, written_logits(self.llm, batch))
+            teacher = written_logits(self.llm if self.teacher is None else self.teacher, batch)
+            loss = loss + self.distill * divergence(logits, teacher)
         return loss, supervised.sum()
 
 
