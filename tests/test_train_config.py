@@ -49,6 +49,7 @@ def test_missing_required_fields_are_named(tmp_path):
     ("model.checkpoint=/x", "exactly one of model.preset and model.checkpoint"),
     ("distill=-1", "distill must be >= 0"),
     ("distill=0.5", "tuning 'lora' or 'adaptor'"),  # stage 1 with tuning full
+    ("distill_system_prompt=Be brief.", "set distill > 0 too"),
 ])
 def test_bad_values_are_named(tmp_path, override, message):
     path = write(tmp_path, {"stage": "stage1", "output_dir": "o", "data": {"train": "d"}})

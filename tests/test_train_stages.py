@@ -169,6 +169,21 @@ def test_distillation_reads_published_records_with_transcripts(tmp_path, tiny_ll
         setup(tmp_path, tiny_llm_dir, published, "stage1", tuning="adaptor", distill=1.0)
 
 
+def test_distillation_teacher_reads_its_own_system_prompt(tmp_path, tiny_llm_dir, data):
+    """distill_system_prompt replaces the system prompt of the written conversations only."""
+    model, _, plain = setup(tmp_path, tiny_llm_dir, data, "stage1", tuning="adaptor", distill=1.0)
+    _, _, batch = setup(tmp_path, tiny_llm_dir, data, "stage1", tuning="adaptor", distill=1.0,
+                        distill_system_prompt="Answer in one short sentence.")
+    decode = model.llm.tokenizer.decode
+    assert batch.ids == plain.ids  # the spoken conversations keep the model's prompt
+    own = model.config.llm.system_prompt
+    for ids, plain_ids in zip(batch.written_ids, plain.written_ids):
+        assert "Answer in one short sentence." in decode(ids) and own not in decode(ids)
+        assert own in decode(plain_ids)
+    answers = batch.written_labels[batch.written_labels != IGNORE_INDEX]
+    assert torch.equal(answers, plain.written_labels[plain.written_labels != IGNORE_INDEX])
+
+
 @pytest.mark.parametrize("tuning", ["lora", "adaptor"])
 def test_distillation_adds_a_positive_term_in_training_only(tmp_path, tiny_llm_dir, data, tuning):
     model, module, batch = setup(tmp_path, tiny_llm_dir, data, "stage1", tuning=tuning,

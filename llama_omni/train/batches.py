@@ -72,12 +72,16 @@ def speech_text_examples(
     downsample: int,
     max_length: int,
     with_written: bool = False,
+    written_system_prompt: str | None = None,
 ) -> tuple[list[SpeechTextExample], list[str]]:
     """Tokenized examples whose features are cached; returns (kept, ids of too-long items).
 
-    with_written: also tokenize each conversation as text (`written`), for distillation;
-    its answer tokens must be the spoken version's.
+    with_written: also tokenize each conversation as text (`written`), for distillation,
+    under `written_system_prompt` (None: llm's own); its answer tokens must be the spoken
+    version's.
     """
+    written_llm = llm if written_system_prompt is None else llm.replace(
+        system_prompt=written_system_prompt)
     kept, too_long = [], []
     for conversation in conversations:
         tokens = tokenize(conversation, tokenizer, llm)
@@ -87,7 +91,8 @@ def speech_text_examples(
         if length > max_length:
             too_long.append(conversation.id)
             continue
-        text = tokenize(written(conversation, llm.instruction), tokenizer, llm) if with_written else None
+        text = (tokenize(written(conversation, llm.instruction), tokenizer, written_llm)
+                if with_written else None)
         if text is not None and _answer_tokens(text) != _answer_tokens(tokens):
             raise DataError(f"item {conversation.id!r}: its answers tokenize differently "
                             "after a written question than after a spoken one")

@@ -145,6 +145,10 @@ class TrainConfig(ConfigBase):
     # Stage 1: weight of the distillation term (0 = the paper's cross-entropy alone), see
     # llama_omni/train/stage1.py. Needs transcripts and a backbone that stays itself.
     distill: float = 0.0
+    # The teacher's system prompt (None: the model's own). Set it to the one the answers
+    # were generated with (the data config's respond prompt), so the teacher's
+    # distributions are those of the answers' style.
+    distill_system_prompt: str | None = None
     batch_size: int = 32
     micro_batch_size: int = 4
     epochs: int = 3
@@ -174,6 +178,8 @@ class TrainConfig(ConfigBase):
             "distill applies to stage 1 with tuning 'lora' or 'adaptor' (its teacher is the "
             "untouched backbone, which a full fine-tune changes)",
         )
+        require(self.distill_system_prompt is None or self.distill > 0,
+                "distill_system_prompt is the distillation teacher's prompt: set distill > 0 too")
         require(self.precision in PRECISIONS, f"precision {self.precision!r}: choose one of {PRECISIONS}")
         require(
             self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size == 0,

@@ -178,6 +178,7 @@ def _examples(
     examples, too_long = speech_text_examples(
         items, model.llm.tokenizer, model.config.llm, keys, features,
         model.adaptor.config.downsample, config.data.max_length, with_written=config.distill > 0,
+        written_system_prompt=config.distill_system_prompt,
     )
     if too_long:
         log.warning("skipped %d items longer than data.max_length=%d (e.g. %s)",
