@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from llama_omni.model.checkpoint import load_model
 from llama_omni.train.export import export_checkpoint
 from llama_omni.train.model_setup import prepare_model
-from llama_omni.train.run import build_stage
+from llama_omni.train.run import build_stage, train
 from llama_omni.model.prompt import DEFAULT_INSTRUCTION, IGNORE_INDEX, SPEECH_TOKEN_INDEX
 from llama_omni.train.data import DataError
 from llama_omni.train.stage1 import (
@@ -270,6 +270,11 @@ def test_distillation_teacher_of_a_folded_lora_checkpoint_is_the_untouched_backb
     torch.testing.assert_close(written_logits(stage.module.teacher, batch), base,
                                atol=1e-4, rtol=1e-4)
     assert (written_logits(folded.llm, batch) - base).abs().max() > 1e-2  # the tuned LLM
+
+    final = train(cfg.replace(max_steps=2, save_every=1000))  # exports without the teacher
+    trained = load_model(final)
+    assert not torch.equal(trained.adaptor.linear1.weight, folded.adaptor.linear1.weight)
+    assert (final / "lora").is_dir()
 
 
 def test_decoder_override_on_a_checkpoint_keeps_weights_only_when_they_fit(tmp_path, tiny_llm_dir, data):

@@ -39,7 +39,7 @@ from llama_omni.train.data import (
 from llama_omni.train.export import export_trained
 from llama_omni.train.features import TensorCache, cache_encoder_features, encoder_namespace
 from llama_omni.train.model_setup import TORCH_DTYPES, prepare_model
-from llama_omni.train.stage1 import Stage1Module
+from llama_omni.train.stage1 import TEACHER, Stage1Module
 from llama_omni.train.stage2 import (
     Stage2Module,
     cache_answer_states,
@@ -70,6 +70,8 @@ def train(config: TrainConfig) -> Path:
         if config.stage == "align":
             _report_transcripts(config, model, trainer, stage)
             state = {k: v for k, v in state.items() if not k.startswith(f"{align.HEAD}.")}
+        if config.stage == "stage1":  # a distillation teacher is no part of the model
+            state = {k: v for k, v in state.items() if not k.startswith(f"{TEACHER}.")}
         # The stage module's parameter names are the model's; under ZeRO-3 / FSDP this puts
         # the gathered weights back into the (unsharded) model before export.
         unexpected = model.load_state_dict(state, strict=False).unexpected_keys

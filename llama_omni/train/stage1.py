@@ -30,6 +30,9 @@ from llama_omni.train.batches import SpeechTextBatch
 from llama_omni.train.data import answer_spans
 
 
+TEACHER = "teacher"  # Stage1Module.teacher, the distillation teacher: not part of the model
+
+
 def teacher_forced(adaptor: SpeechAdaptor, llm: SpeechLLM, batch: SpeechTextBatch) -> LLMOutput:
     """One pass over whole conversations (speech spliced in), right-padded like the labels."""
     frames = adaptor(batch.features.to(adaptor.linear1.weight.dtype))  # [S, N/k, D]
@@ -91,7 +94,7 @@ class Stage1Module(nn.Module):
         self.adaptor = adaptor
         self.llm = llm
         self.distill = distill
-        self.teacher = untouched_backbone(llm) if distill else None
+        self.teacher = untouched_backbone(llm) if distill else None  # named TEACHER
 
     def train(self, mode: bool = True) -> Stage1Module:
         super().train(mode)
