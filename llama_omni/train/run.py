@@ -69,9 +69,10 @@ def train(config: TrainConfig) -> Path:
     if accelerator.is_main_process:
         if config.stage == "align":
             _report_transcripts(config, model, trainer, stage)
-            state = {k: v for k, v in state.items() if not k.startswith(f"{align.HEAD}.")}
-        if config.stage == "stage1":  # a distillation teacher is no part of the model
-            state = {k: v for k, v in state.items() if not k.startswith(f"{TEACHER}.")}
+        # the stage module's own parts (align's CTC head, a distillation teacher) are not the model's
+        helper = {"align": align.HEAD, "stage1": TEACHER}.get(config.stage)
+        if helper is not None:
+            state = {k: v for k, v in state.items() if not k.startswith(f"{helper}.")}
         # The stage module's parameter names are the model's; under ZeRO-3 / FSDP this puts
         # the gathered weights back into the (unsharded) model before export.
         unexpected = model.load_state_dict(state, strict=False).unexpected_keys
